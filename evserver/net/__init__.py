@@ -1,0 +1,1 @@
+"""I/O layer: thin Twisted protocols over the wire and state layers."""

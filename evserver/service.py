@@ -1,0 +1,151 @@
+"""The server as a Twisted service: store, core and one listener per protocol."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from evserver.config import ServerConfig
+from evserver.net.server import (
+    Authenticator,
+    EncoderControl,
+    Relay,
+    ServerFactory,
+    ServerSettings,
+    ViewerControl,
+)
+from evserver.startup import fatal_startup_error
+from evserver.state.relay import Limits, RelayCore
+from evserver.store import Store
+from evserver.wire import messages as m
+
+log = Logger()
+
+
+class ListenerService(Service):
+    """Listens on one endpoint; a failure to listen is a fatal startup error."""
+
+    def __init__(self, description: str, endpoint: str, factory: Factory,
+                 reactor: Any, on_error: Any = fatal_startup_error) -> None:
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.reactor = reactor
+        self.on_error = on_error
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[IListeningPort] | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._listening is not None:
+            return
+        ep = endpoints.serverFromString(self.reactor, self.endpoint)
+        self._listening = ep.listen(self.factory)
+        self._listening.addCallbacks(self._listened, self._failed)
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        log.info("{what} listening on {address}", what=self.description,
+                 address=port.getHost())
+        return port
+
+    def _failed(self, failure: Failure) -> None:
+        self.on_error(f"cannot listen for {self.description} on {self.endpoint!r}: "
+                      f"{failure.getErrorMessage()}")
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        self._listening = None
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()  # type: ignore[return-value]
+        return None
+
+
+class RelayServerService(MultiService):
+    """The standalone relay server: store, core, encoder/viewer/relay listeners."""
+
+    def __init__(self, config: ServerConfig, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.store = Store(config.data_dir / "evserver.sqlite3")
+        self.settings = ServerSettings(
+            max_control_frame=config.max_control_frame,
+            max_media_frame=config.max_media_frame,
+            keepalive_interval=config.keepalive_interval,
+            keepalive_timeout=config.keepalive_timeout,
+        )
+        self.core = RelayCore(
+            reactor,
+            config.server_id,
+            self.store,
+            self.servers,
+            Limits(
+                viewer_queue_bytes=config.viewer_queue_bytes,
+                stall_timeout=config.stall_timeout,
+                gop_cache_bytes=config.gop_cache_bytes,
+                stop_linger=config.stop_linger,
+            ),
+        )
+        self.auth = Authenticator(self.store)
+        tls = None
+        if config.tls:
+            from evserver.tls import ensure_server_certificate, server_tls_options
+
+            cert, key = ensure_server_certificate(
+                config.data_dir, _hostnames(config.external_host)
+            )
+            tls = server_tls_options(cert, key)
+        self.factories: dict[str, ServerFactory] = {}
+        for name, cls, endpoint in (
+            ("encoder control", EncoderControl, config.encoder_endpoint),
+            ("viewer control", ViewerControl, config.viewer_endpoint),
+            ("video relay", Relay, config.relay_endpoint),
+        ):
+            factory = ServerFactory(cls, self.core, self.auth, self.settings, reactor)
+            self.factories[name] = factory
+            served: Factory = factory
+            if tls is not None:
+                from evserver.tls import wrap_server_factory
+
+                served = wrap_server_factory(factory, tls)
+            ListenerService(name, endpoint, served, reactor).setServiceParent(self)
+
+    def servers(self) -> tuple[m.ServerInfo, ...]:
+        c = self.config
+        return (m.ServerInfo(c.server_id, c.external_host, c.external_encoder_port,
+                             c.external_viewer_port, c.external_relay_port),)
+
+    def stopService(self) -> Deferred[None] | None:
+        self.core.shutdown()
+        d = super().stopService()
+        self.store.close()
+        return d
+
+
+def _hostnames(external_host: str) -> list[str]:
+    names = [external_host]
+    for extra in ("localhost", "127.0.0.1"):
+        if extra not in names:
+            names.append(extra)
+    return names
+
+
+def build_service(config: ServerConfig, reactor: Any) -> MultiService:
+    """The whole server for ``twistd evserver``."""
+    return RelayServerService(config, reactor)

@@ -1,0 +1,418 @@
+"""The relay server's state: encoder and viewer sessions, channels, tickets.
+
+Sans-IO: the Twisted protocols (``evserver.net``) authenticate a client and
+then call into ``RelayCore``; the core talks back only through the small link
+interfaces below and an injected clock.  One ``Channel`` exists per encoder
+that is online or watched; it keeps its stream id and its viewers across a
+reconnection of the encoder, so viewers on this server resume by themselves.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from evserver.state.fanout import IMediaSink, Stream, ViewerFeed
+from evserver.wire import messages as m
+from evserver.wire.framing import ErrorCode
+
+log = Logger()
+
+MAX_WATCHES = 64
+
+
+class ILink(Protocol):
+    """What the core needs of a client's control connection."""
+
+    def send(self, msg: Any) -> None: ...
+
+    def close_with_error(self, code: ErrorCode, message: str) -> None: ...
+
+
+class IDirectory(Protocol):
+    """The registered encoders (the store)."""
+
+    def list_encoders(self, domain: str | None = None) -> Iterable[Any]: ...
+
+    def get_encoder(self, encoder_id: str) -> Any: ...
+
+
+@attrs.frozen
+class Limits:
+    viewer_queue_bytes: int = 8 * 1024 * 1024
+    stall_timeout: float = 20.0
+    gop_cache_bytes: int = 16 * 1024 * 1024
+    stop_linger: float = 5.0
+    keyframe_request_interval: float = 1.0
+    max_watches: int = MAX_WATCHES
+
+
+class Refused(Exception):
+    """A request refused without closing the connection."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Channel:
+    """One encoder's stream on this server: its session (if online) and its viewers."""
+
+    def __init__(self, core: RelayCore, encoder_id: str, domain: str, stream_id: int) -> None:
+        self.core = core
+        self.encoder_id = encoder_id
+        self.domain = domain
+        self.stream_id = stream_id
+        self.session: EncoderSession | None = None
+        self.watchers: set[ViewerSession] = set()
+        self.stream = Stream(
+            stream_id,
+            core.clock,
+            core.limits.gop_cache_bytes,
+            core.limits.keyframe_request_interval,
+            on_keyframe_needed=self._keyframe_needed,
+            on_viewers_changed=self._viewers_changed,
+        )
+        self._stop_call: IDelayedCall | None = None
+
+    # Called by the fan-out.
+    def _keyframe_needed(self) -> None:
+        if self.session is not None and self.session.started:
+            self.session.link.send(m.KeyframeRequest())
+
+    def _viewers_changed(self, count: int) -> None:
+        if count > 0:
+            self._cancel_stop()
+            if self.session is not None and not self.session.started:
+                self.session.start()
+        elif self.session is not None and self.session.started and self._stop_call is None:
+            self._stop_call = self.core.clock.callLater(self.core.limits.stop_linger, self._stop)
+
+    def _cancel_stop(self) -> None:
+        if self._stop_call is not None:
+            if self._stop_call.active():
+                self._stop_call.cancel()
+            self._stop_call = None
+
+    def _stop(self) -> None:
+        self._stop_call = None
+        if self.session is not None and self.stream.viewer_count == 0:
+            self.session.stop()
+
+    def attach_session(self, session: EncoderSession) -> None:
+        self.session = session
+        self.stream.reset()
+        if self.stream.viewer_count > 0:
+            session.start()
+
+    def detach_session(self, session: EncoderSession) -> None:
+        if self.session is session:
+            self.session = None
+            self._cancel_stop()
+            self.stream.reset()
+            self.core._maybe_drop_channel(self)
+
+    @property
+    def state(self) -> int:
+        if self.session is None:
+            return m.EncoderState.OFFLINE
+        return m.EncoderState.STREAMING if self.session.streaming else m.EncoderState.ONLINE
+
+    def close(self) -> None:
+        self._cancel_stop()
+        self.stream.close()
+
+
+class EncoderSession:
+    """An authenticated encoder control connection."""
+
+    def __init__(self, core: RelayCore, encoder_id: str, name: str, domain: str,
+                 link: ILink, ticket: bytes) -> None:
+        self.core = core
+        self.encoder_id = encoder_id
+        self.name = name
+        self.domain = domain
+        self.link = link
+        self.ticket = ticket
+        self.started = False
+        self.streaming = False
+        self.closed = False
+        self.channel: Channel | None = None
+        self.relay: Any = None  # the I/O object of the relay connection, if any
+        self.frames_in = 0
+        self.bytes_in = 0
+
+    def start(self) -> None:
+        if not self.started and not self.closed:
+            self.started = True
+            self.link.send(m.StartStream())
+
+    def stop(self) -> None:
+        if self.started and not self.closed:
+            self.started = False
+            self.link.send(m.StopStream())
+            if self.channel is not None:
+                self.channel.stream.reset()
+            if self.streaming:
+                self.streaming = False
+                self.core._encoder_changed(self)
+
+    def media(self, keyframe: bool, frame: bytes) -> None:
+        """A media frame arrived on the relay connection, already encoded for viewers."""
+        self.frames_in += 1
+        self.bytes_in += len(frame)
+        if not self.started:
+            return  # Not asked for (or already stopped): nobody wants it.
+        if not self.streaming:
+            self.streaming = True
+            self.core._encoder_changed(self)
+        assert self.channel is not None
+        self.channel.stream.publish(keyframe, frame)
+
+    @property
+    def stream_id(self) -> int:
+        assert self.channel is not None
+        return self.channel.stream_id
+
+
+class ViewerSession:
+    """An authenticated viewer control connection."""
+
+    def __init__(self, core: RelayCore, account: str, domain: str, link: ILink,
+                 ticket: bytes) -> None:
+        self.core = core
+        self.account = account
+        self.domain = domain
+        self.link = link
+        self.ticket = ticket
+        self.subscribed = False
+        self.closed = False
+        self.watching: dict[int, Channel] = {}  # stream_id -> channel
+        self.feed: ViewerFeed | None = None
+        self.relay: Any = None
+
+    def list_encoders(self, request_id: int) -> m.EncoderList:
+        self.subscribed = True
+        return m.EncoderList(request_id, self.core.encoder_infos(self.domain))
+
+    def watch(self, request_id: int, encoder_id: str) -> m.WatchOk:
+        channel = self.core._channel_for(encoder_id, self.domain)
+        if channel.stream_id in self.watching:
+            raise Refused(ErrorCode.DUPLICATE, f"already watching {encoder_id!r}")
+        if len(self.watching) >= self.core.limits.max_watches:
+            raise Refused(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"at most {self.core.limits.max_watches} streams per connection",
+            )
+        self.watching[channel.stream_id] = channel
+        channel.watchers.add(self)
+        if self.feed is not None:
+            channel.stream.add_viewer(self.feed)
+        return m.WatchOk(request_id, encoder_id, channel.stream_id)
+
+    def unwatch(self, request_id: int, stream_id: int) -> m.UnwatchOk:
+        channel = self.watching.pop(stream_id, None)
+        if channel is None:
+            raise Refused(ErrorCode.NOT_FOUND, f"not watching stream {stream_id}")
+        self._detach(channel)
+        return m.UnwatchOk(request_id, stream_id)
+
+    def _detach(self, channel: Channel) -> None:
+        channel.watchers.discard(self)
+        if self.feed is not None:
+            channel.stream.remove_viewer(self.feed)
+        self.core._maybe_drop_channel(channel)
+
+    def attach_relay(self, relay: Any, sink: IMediaSink) -> ViewerFeed:
+        """A relay connection presented this session's ticket; it replaces any earlier one."""
+        self.detach_relay()
+        self.relay = relay
+        limits = self.core.limits
+        self.feed = ViewerFeed(sink, self.core.clock, limits.viewer_queue_bytes,
+                               limits.stall_timeout)
+        for channel in self.watching.values():
+            channel.stream.add_viewer(self.feed)
+        return self.feed
+
+    def detach_relay(self, relay: Any = None) -> None:
+        if self.feed is None or (relay is not None and relay is not self.relay):
+            return
+        feed, self.feed, self.relay = self.feed, None, None
+        for channel in self.watching.values():
+            channel.stream.remove_viewer(feed)
+        feed.close()
+
+
+class RelayCore:
+    """Everything one server knows about its clients and streams."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        server_id: str,
+        directory: IDirectory,
+        servers: Callable[[], tuple[m.ServerInfo, ...]],
+        limits: Limits | None = None,
+    ) -> None:
+        self.clock = clock
+        self.server_id = server_id
+        self.directory = directory
+        self.servers = servers
+        self.limits = limits or Limits()
+        self.encoders: dict[str, EncoderSession] = {}
+        self.viewers: set[ViewerSession] = set()
+        self.channels: dict[str, Channel] = {}
+        self._tickets: dict[bytes, EncoderSession | ViewerSession] = {}
+        self._next_stream_id = 1
+
+    # -- tickets ---------------------------------------------------------
+
+    def _new_ticket(self) -> bytes:
+        return secrets.token_bytes(32)
+
+    def redeem(self, ticket: bytes) -> EncoderSession | ViewerSession | None:
+        return self._tickets.get(ticket)
+
+    # -- channels --------------------------------------------------------
+
+    def _channel_for(self, encoder_id: str, domain: str) -> Channel:
+        channel = self.channels.get(encoder_id)
+        if channel is not None:
+            if channel.domain != domain:
+                raise Refused(ErrorCode.NOT_FOUND, f"no encoder {encoder_id!r}")
+            return channel
+        record = self.directory.get_encoder(encoder_id)
+        if record is None or record.domain != domain:
+            # Another domain's encoder is reported exactly like a missing one.
+            raise Refused(ErrorCode.NOT_FOUND, f"no encoder {encoder_id!r}")
+        return self._new_channel(encoder_id, domain)
+
+    def _new_channel(self, encoder_id: str, domain: str) -> Channel:
+        stream_id = self._next_stream_id
+        self._next_stream_id = (stream_id % 0xFFFFFFFF) + 1
+        channel = Channel(self, encoder_id, domain, stream_id)
+        self.channels[encoder_id] = channel
+        return channel
+
+    def _maybe_drop_channel(self, channel: Channel) -> None:
+        if channel.session is None and not channel.watchers:
+            if self.channels.get(channel.encoder_id) is channel:
+                del self.channels[channel.encoder_id]
+            channel.close()
+
+    # -- encoders --------------------------------------------------------
+
+    def encoder_connected(self, encoder_id: str, name: str, domain: str,
+                          link: ILink) -> EncoderSession:
+        """An encoder authenticated; a newer registration supersedes an older one."""
+        old = self.encoders.get(encoder_id)
+        if old is not None:
+            log.info("encoder {encoder_id} registered again; dropping the older session",
+                     encoder_id=encoder_id)
+            old.link.close_with_error(ErrorCode.SUPERSEDED,
+                                      "this encoder connected again elsewhere")
+            self.encoder_disconnected(old)
+        ticket = self._new_ticket()
+        session = EncoderSession(self, encoder_id, name, domain, link, ticket)
+        self._tickets[ticket] = session
+        self.encoders[encoder_id] = session
+        channel = self.channels.get(encoder_id)
+        if channel is None or channel.domain != domain:
+            if channel is not None:  # the encoder moved to another domain
+                self._evict_channel(channel)
+            channel = self._new_channel(encoder_id, domain)
+        session.channel = channel
+        channel.attach_session(session)
+        self._encoder_changed(session)
+        return session
+
+    def _evict_channel(self, channel: Channel) -> None:
+        for viewer in list(channel.watchers):
+            viewer.watching.pop(channel.stream_id, None)
+            viewer._detach(channel)
+        self._maybe_drop_channel(channel)
+
+    def encoder_disconnected(self, session: EncoderSession) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        session.started = session.streaming = False
+        self._tickets.pop(session.ticket, None)
+        if self.encoders.get(session.encoder_id) is session:
+            del self.encoders[session.encoder_id]
+        if session.channel is not None:
+            session.channel.detach_session(session)
+            self._notify(session.domain, self._info(session.encoder_id, session.name,
+                                                    m.EncoderState.OFFLINE))
+
+    def _encoder_changed(self, session: EncoderSession) -> None:
+        state = m.EncoderState.STREAMING if session.streaming else m.EncoderState.ONLINE
+        self._notify(session.domain, self._info(session.encoder_id, session.name, state))
+
+    def _info(self, encoder_id: str, name: str, state: int) -> m.EncoderInfo:
+        return m.EncoderInfo(encoder_id, name, state,
+                             self.server_id if state != m.EncoderState.OFFLINE else "")
+
+    def _notify(self, domain: str, info: m.EncoderInfo) -> None:
+        update = m.EncoderUpdate(info)
+        for viewer in self.viewers:
+            if viewer.subscribed and viewer.domain == domain:
+                viewer.link.send(update)
+
+    def encoder_infos(self, domain: str) -> tuple[m.EncoderInfo, ...]:
+        infos = []
+        for record in self.directory.list_encoders(domain):
+            session = self.encoders.get(record.encoder_id)
+            if session is None or session.domain != domain:
+                state = m.EncoderState.OFFLINE
+            elif session.streaming:
+                state = m.EncoderState.STREAMING
+            else:
+                state = m.EncoderState.ONLINE
+            infos.append(self._info(record.encoder_id, record.name, state))
+        return tuple(infos)
+
+    # -- viewers ---------------------------------------------------------
+
+    def viewer_connected(self, account: str, domain: str, link: ILink) -> ViewerSession:
+        ticket = self._new_ticket()
+        session = ViewerSession(self, account, domain, link, ticket)
+        self._tickets[ticket] = session
+        self.viewers.add(session)
+        return session
+
+    def viewer_disconnected(self, session: ViewerSession) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        self._tickets.pop(session.ticket, None)
+        self.viewers.discard(session)
+        session.detach_relay()
+        for channel in list(session.watching.values()):
+            session._detach(channel)
+        session.watching.clear()
+
+    # -- whole server ----------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Tell every client that the server is going away."""
+        for viewer in list(self.viewers):
+            viewer.link.close_with_error(ErrorCode.SHUTTING_DOWN, "server shutting down")
+            self.viewer_disconnected(viewer)
+        for encoder in list(self.encoders.values()):
+            encoder.link.close_with_error(ErrorCode.SHUTTING_DOWN, "server shutting down")
+            self.encoder_disconnected(encoder)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "encoders": len(self.encoders),
+            "streaming": sum(1 for e in self.encoders.values() if e.streaming),
+            "viewers": len(self.viewers),
+            "channels": len(self.channels),
+        }

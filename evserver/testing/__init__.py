@@ -1,0 +1,1 @@
+"""Test support shared by the tests, the simulator and the tools."""

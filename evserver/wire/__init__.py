@@ -1,0 +1,1 @@
+"""Wire layer: pure frame and message codecs, no Twisted imports."""
