@@ -74,6 +74,14 @@ def _dummy_hash() -> str:
 _DUMMY_HASH = _dummy_hash()
 
 
+def _peer(conn: WireConnection) -> str:
+    try:
+        address = conn.transport.getPeer()  # type: ignore[union-attr]
+        return f"{address.host}:{address.port}"
+    except Exception:
+        return "?"
+
+
 class _ServerConnection(WireConnection):
     is_server = True
 
@@ -128,8 +136,12 @@ class EncoderControl(_ServerConnection):
                                         "the first message must be EncoderAuth")
             record = self.factory.auth.encoder(msg.encoder_id, msg.secret)
             if record is None:
+                log.info("encoder authentication failed for {encoder_id!r} from {peer}",
+                         encoder_id=msg.encoder_id, peer=_peer(self))
                 self.fail(ErrorCode.AUTH_FAILED, "unknown encoder or wrong secret")
                 return
+            log.info("encoder {encoder_id} ({software}) connected from {peer}",
+                     encoder_id=record.encoder_id, software=msg.software, peer=_peer(self))
             self.authenticated()
             core = self.factory.core
             self.session = core.encoder_connected(record.encoder_id, record.name,
@@ -142,6 +154,8 @@ class EncoderControl(_ServerConnection):
 
     def connection_closed(self, reason: Failure) -> None:
         if self.session is not None:
+            log.info("encoder {encoder_id} disconnected: {reason}",
+                     encoder_id=self.session.encoder_id, reason=reason.getErrorMessage())
             self.factory.core.encoder_disconnected(self.session)
             if self.session.relay is not None:
                 self.session.relay.close()
@@ -185,8 +199,11 @@ class ViewerControl(_ServerConnection):
         if not self.connected:
             return
         if account is None:
+            log.info("viewer login failed from {peer}", peer=_peer(self))
             self.fail(ErrorCode.AUTH_FAILED, "unknown account or wrong password")
             return
+        log.info("viewer {account} logged in from {peer}", account=account.name,
+                 peer=_peer(self))
         self.authenticated()
         core = self.factory.core
         self.session = core.viewer_connected(account.name, account.domain, self)
@@ -292,6 +309,8 @@ class Relay(_ServerConnection):
 
 class ServerFactory(Factory):
     """One factory per port; all share the core."""
+
+    noisy = False
 
     def __init__(self, protocol_class: type[_ServerConnection], core: RelayCore,
                  auth: Authenticator, settings: ServerSettings, clock: IReactorTime) -> None:
