@@ -8,7 +8,9 @@ from twisted.internet.task import Clock
 from evserver.state.keepalive import Keepalive
 
 
-def make(interval: float = 1.0, timeout: float = 3.0) -> tuple[Clock, Keepalive, list[int], list[float]]:
+def make(
+    interval: float = 1.0, timeout: float = 3.0
+) -> tuple[Clock, Keepalive, list[int], list[float]]:
     clock = Clock()
     pings: list[int] = []
     timeouts: list[float] = []

@@ -17,8 +17,17 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 class Keepalive:
     __slots__ = (
-        "_clock", "interval", "timeout", "_send_ping", "_on_timeout",
-        "received_flag", "sent_flag", "_silent_ticks", "_limit", "_call", "_nonce",
+        "_call",
+        "_clock",
+        "_limit",
+        "_nonce",
+        "_on_timeout",
+        "_send_ping",
+        "_silent_ticks",
+        "interval",
+        "received_flag",
+        "sent_flag",
+        "timeout",
     )
 
     def __init__(

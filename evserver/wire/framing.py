@@ -158,7 +158,7 @@ class FrameDecoder:
     must not be fed again.
     """
 
-    __slots__ = ("_buf", "max_frame", "preamble", "_expect_preamble")
+    __slots__ = ("_buf", "_expect_preamble", "max_frame", "preamble")
 
     def __init__(self, max_frame: int, expect_preamble: bool = True) -> None:
         self._buf = bytearray()

@@ -347,7 +347,7 @@ class EncoderList:
 @message(0x24, protocols=VIEW, from_server=True)
 @attrs.frozen
 class EncoderUpdate:
-    encoder: EncoderInfo = wire(Embedded(EncoderInfo))
+    encoder: EncoderInfo = wire(Embedded(EncoderInfo))  # noqa: RUF009 (an attrs field)
 
 
 @message(0x25, protocols=VIEW, from_server=False)
