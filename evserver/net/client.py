@@ -95,10 +95,14 @@ class _ClientConnection(WireConnection):
         self.owner.connected(self)
 
     def message_received(self, msg: Any) -> None:
-        if self.handle_common(msg):
+        if isinstance(msg, m.Error):
+            if msg.fatal:
+                # The server closes the connection next; keep why.
+                self.refusal = ClientError(msg.message, _code(msg.code))
+            else:
+                self.owner.message(self, msg)
             return
-        if isinstance(msg, m.Error) and msg.fatal:
-            self.refusal = ClientError(msg.message, _code(msg.code))
+        if self.handle_common(msg):
             return
         self.owner.message(self, msg)
 

@@ -178,9 +178,21 @@ class WireConnection(Protocol):
         self.fail(ErrorCode.KEEPALIVE_TIMEOUT, "no traffic from the peer within the timeout")
 
     def handle_common(self, msg: Any) -> bool:
-        """Handle Ping and Pong; return True if ``msg`` was one of them."""
+        """Handle Ping, Pong and Error; return True if ``msg`` was one of them.
+
+        A fatal Error from the peer closes the connection without an answer
+        (answering an error with an error could loop); a non-fatal one is
+        logged and ignored.
+        """
         if isinstance(msg, m.Ping):
             self.send(m.Pong(msg.nonce))
+            return True
+        if isinstance(msg, m.Error):
+            log.info("peer reported error {code} ({fatal}): {message}", code=msg.code,
+                     fatal="fatal" if msg.fatal else "not fatal", message=msg.message)
+            if msg.fatal:
+                self.failed = True
+                self.close()
             return True
         return isinstance(msg, m.Pong)
 

@@ -128,8 +128,6 @@ class EncoderControl(_ServerConnection):
         self.session: EncoderSession | None = None
 
     def message_received(self, msg: Any) -> None:
-        if self.handle_common(msg):
-            return
         if self.session is None:
             if not isinstance(msg, m.EncoderAuth):
                 raise ProtocolViolation(ErrorCode.UNEXPECTED_MESSAGE,
@@ -148,6 +146,8 @@ class EncoderControl(_ServerConnection):
                                                   record.domain, self)
             self.send(m.EncoderAuthOk(self.session.ticket, self.keepalive_ms,
                                       core.server_id, core.servers()))
+            return
+        if self.handle_common(msg):
             return
         raise ProtocolViolation(ErrorCode.UNEXPECTED_MESSAGE,
                                 f"{type(msg).__name__} is not expected from an encoder")
@@ -170,8 +170,6 @@ class ViewerControl(_ServerConnection):
         self._logging_in = False
 
     def message_received(self, msg: Any) -> None:
-        if self.handle_common(msg):
-            return
         session = self.session
         if session is None:
             if not isinstance(msg, m.Login) or self._logging_in:
@@ -181,6 +179,8 @@ class ViewerControl(_ServerConnection):
             self.pause_receiving()
             d = self.factory.auth.account(msg.account, msg.password)
             d.addCallbacks(self._logged_in, self._login_error)
+            return
+        if self.handle_common(msg):
             return
         try:
             if isinstance(msg, m.ListEncoders):
@@ -235,7 +235,7 @@ class Relay(_ServerConnection):
         self.feed: ViewerFeed | None = None
 
     def message_received(self, msg: Any) -> None:
-        if self.handle_common(msg):
+        if self.session is not None and self.handle_common(msg):
             return
         if self.session is not None or not isinstance(msg, m.RelayHello):
             raise ProtocolViolation(ErrorCode.UNEXPECTED_MESSAGE,
@@ -246,9 +246,10 @@ class Relay(_ServerConnection):
             return
         self.authenticated()
         self.session = session
+        if session.relay is not None:
+            session.relay.fail(ErrorCode.SUPERSEDED,
+                               "another relay connection presented this ticket")
         if isinstance(session, EncoderSession):
-            if session.relay is not None:
-                session.relay.close()
             session.relay = self
             self.decoder.max_frame = self.factory.settings.max_media_frame
         else:

@@ -139,7 +139,7 @@ def check_peer_preamble(preamble: Preamble, expected: ProtocolName) -> None:
             if (major, minor) < MIN_VERSION
             else ErrorCode.WRONG_PROTOCOL,
             f"protocol version {major}.{minor} is not supported; "
-            f"this server speaks {VERSION[0]}.{VERSION[1]} "
+            f"this side speaks {VERSION[0]}.{VERSION[1]} "
             f"(oldest accepted {MIN_VERSION[0]}.{MIN_VERSION[1]})",
         )
 

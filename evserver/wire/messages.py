@@ -97,6 +97,8 @@ class _Str(_Bytes16):
     name = "str"
 
     def encode(self, value: Any, out: list[bytes]) -> None:
+        if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+            raise ValueError("string contains control characters")
         super().encode(value.encode("utf-8"), out)
 
     def decode(self, data: bytes, pos: int) -> tuple[Any, int]:
@@ -128,6 +130,8 @@ class ListOf(Kind):
             raise ValueError(f"list longer than {self.max_items}")
         out.append(_U16.pack(len(value)))
         for item in value:
+            if not isinstance(item, self.record):
+                raise TypeError(f"expected {self.record.__name__}, not {type(item).__name__}")
             _encode_fields(item, out)
 
     def decode(self, data: bytes, pos: int) -> tuple[Any, int]:
@@ -434,10 +438,15 @@ def encode_media_header(
     payload_len: int,
 ) -> bytes:
     """The 27 bytes that precede a payload of ``payload_len`` bytes."""
-    return MEDIA_HEADER.pack(
-        1 + MEDIA_OVERHEAD + payload_len, MEDIA, stream_id, codec, flags,
-        timestamp_us, capture_time_us,
-    )
+    if flags & ~FLAG_KEYFRAME:
+        raise ValueError(f"undefined media flags {flags:#x}")
+    try:
+        return MEDIA_HEADER.pack(
+            1 + MEDIA_OVERHEAD + payload_len, MEDIA, stream_id, codec, flags,
+            timestamp_us, capture_time_us,
+        )
+    except struct.error as e:
+        raise ValueError(f"media field out of range: {e}") from None
 
 
 def decode_media(body: bytes) -> Media:
