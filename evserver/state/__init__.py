@@ -1,0 +1,1 @@
+"""State layer: sans-IO state machines driven by events and an injected clock."""

@@ -1,0 +1,1 @@
+"""Command-line tools: encoder, viewer and benchmark clients."""
