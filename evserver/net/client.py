@@ -529,7 +529,8 @@ class ViewerClient(_ReconnectingClient):
         return watched
 
     def _watch_failed(self, failure: Failure, encoder_id: str) -> Failure:
-        if failure.check(ClientError) and failure.value.code in (
+        error = failure.value
+        if isinstance(error, ClientError) and error.code in (
             ErrorCode.NOT_FOUND, ErrorCode.LIMIT_EXCEEDED
         ):
             self.watched.pop(encoder_id, None)
@@ -566,10 +567,11 @@ class ViewerClient(_ReconnectingClient):
         self._by_stream.clear()
         for encoder_id, watched in list(self.watched.items()):
             watched.stream_id = 0
-            self.watch(encoder_id).addErrback(
-                lambda f, e=encoder_id: log.warn("cannot watch {e}: {f}", e=e,
-                                                 f=f.getErrorMessage()))
+            self.watch(encoder_id).addErrback(self._rewatch_failed, encoder_id)
         self.first_ready(self)
+
+    def _rewatch_failed(self, failure: Failure, encoder_id: str) -> None:
+        log.warn("cannot watch {e} again: {f}", e=encoder_id, f=failure.getErrorMessage())
 
     def on_lost(self, error: ClientError) -> None:
         requests, self._requests = self._requests, {}

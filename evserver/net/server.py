@@ -75,11 +75,9 @@ _DUMMY_HASH = _dummy_hash()
 
 
 def _peer(conn: WireConnection) -> str:
-    try:
-        address = conn.transport.getPeer()  # type: ignore[union-attr]
-        return f"{address.host}:{address.port}"
-    except Exception:
-        return "?"
+    address: Any = conn.transport.getPeer() if conn.transport is not None else None
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    return f"{host}:{port}" if host is not None else str(address)
 
 
 class _ServerConnection(WireConnection):

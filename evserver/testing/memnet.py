@@ -11,7 +11,7 @@ that die, and links that are cut.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet import defer, error
@@ -19,6 +19,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IConsumer,
+    IProtocolFactory,
     IPushProducer,
     IStreamClientEndpoint,
     ITCPTransport,
@@ -76,7 +77,7 @@ class MemoryTransport:
             self.producer_paused = True
             self.producer.pauseProducing()
 
-    def writeSequence(self, data: list[bytes]) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
@@ -186,7 +187,7 @@ class MemoryNetwork:
 
     # -- connecting ------------------------------------------------------
 
-    def _connect(self, source: str, host: str, port: int, client_factory: Factory,
+    def _connect(self, source: str, host: str, port: int, client_factory: IProtocolFactory,
                  timeout: float) -> Deferred[Any]:
         factory = self.listeners.get((host, port))
         if factory is None or host in self.down_hosts or source in self.down_hosts:
@@ -296,6 +297,6 @@ class MemoryEndpoint:
         self.port = port
         self.timeout = timeout
 
-    def connect(self, protocolFactory: Factory) -> Deferred[Any]:
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
         return self.net._connect(self.source, self.host, self.port, protocolFactory,
                                  self.timeout)
