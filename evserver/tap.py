@@ -59,9 +59,9 @@ _NUMBER_HELP = {
     "max-control-frame": "Largest control frame accepted, in bytes.",
     "max-media-frame": "Largest media frame accepted, in bytes.",
     "viewer-queue-bytes": "Bytes queued for a slow viewer before frames are dropped.",
-    "stall-timeout": "Seconds without media after which a stream counts as stalled.",
+    "stall-timeout": "Seconds a viewer may leave its video unread before it is disconnected.",
     "gop-cache-bytes": "Bytes of the latest group of pictures kept per stream.",
-    "stop-linger": "Seconds to keep a stream after its last viewer leaves.",
+    "stop-linger": "Seconds an encoder keeps streaming after its last viewer leaves.",
 }
 
 ENDPOINT_EXAMPLES = "e.g. tcp:5510 or tcp:port=5510:interface=127.0.0.1"

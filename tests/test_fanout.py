@@ -611,8 +611,8 @@ def test_slow_viewers_never_change_what_a_fast_viewer_gets(
 
 N_STREAMS = 2
 N_FEEDS = 3
-MAX_QUEUE = 150
-GOP_BYTES = 300
+MAX_QUEUE = 200
+GOP_BYTES = 250
 STALL = 5.0
 KF_INTERVAL = 1.0
 
@@ -747,7 +747,7 @@ class FanoutMachine(RuleBasedStateMachine):
     @rule(
         s=st.integers(0, N_STREAMS - 1),
         key=st.booleans(),
-        size=st.one_of(st.integers(16, 120), st.just(MAX_QUEUE + 1), st.just(GOP_BYTES + 1)),
+        size=st.one_of(st.integers(16, 60), st.just(MAX_QUEUE + 1), st.just(GOP_BYTES + 1)),
     )
     def publish(self, s: int, key: bool, size: int) -> None:
         sm = self.streams[s]
@@ -781,7 +781,7 @@ class FanoutMachine(RuleBasedStateMachine):
 
     @rule(
         s=st.integers(0, N_STREAMS - 1),
-        frames=st.lists(st.tuples(st.booleans(), st.integers(16, 100)), min_size=2, max_size=6),
+        frames=st.lists(st.tuples(st.booleans(), st.integers(16, 60)), min_size=2, max_size=8),
     )
     def publish_burst(self, s: int, frames: list[tuple[bool, int]]) -> None:
         for key, size in frames:
