@@ -238,8 +238,14 @@ def _secret_matches(stored: str, secret: str) -> bool:
 
 
 def generate_secret() -> str:
-    """A fresh url-safe encoder secret carrying 32 random bytes."""
-    return secrets.token_urlsafe(32)
+    """A fresh url-safe encoder secret carrying 32 random bytes.
+
+    Never starting with "-", so that it can follow an option on a command line.
+    """
+    while True:
+        secret = secrets.token_urlsafe(32)
+        if not secret.startswith("-"):
+            return secret
 
 
 def _new_uid() -> str:

@@ -187,6 +187,8 @@ class _ReconnectingClient:
         self._relay_address: Address | None = None
         self.last_error: ClientError | None = None
         self.connects = 0
+        #: Called each time a session is ready (after every (re)connection).
+        self.on_session: Callable[[], None] | None = None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -318,6 +320,8 @@ class _ReconnectingClient:
         if not self._first_done:
             self._first_done = True
             self.ready.callback(value)
+        if self.on_session is not None:
+            self.on_session()
 
     # -- for subclasses --------------------------------------------------
 
@@ -493,6 +497,7 @@ class ViewerClient(_ReconnectingClient):
         self._by_stream: dict[int, Watched] = {}
         self._requests: dict[int, Deferred[Any]] = {}
         self._next_request = 1
+        self._subscribed = False
 
     def port_of(self, info: m.ServerInfo) -> int:
         return info.viewer_port
@@ -511,6 +516,8 @@ class ViewerClient(_ReconnectingClient):
         return d
 
     def list_encoders(self) -> Deferred[tuple[m.EncoderInfo, ...]]:
+        """The domain's encoders; also subscribes to their updates (kept across reconnections)."""
+        self._subscribed = True
         d = self._request(m.ListEncoders)
         d.addCallback(lambda reply: reply.encoders)
         return d
@@ -563,12 +570,21 @@ class ViewerClient(_ReconnectingClient):
                 d.callback(msg)
 
     def _relay_ready(self) -> None:
-        # Re-watch after a reconnection; stream ids are per server.
+        # After a reconnection: subscribe again (the new session's list comes
+        # as updates) and re-watch; stream ids are per server.
+        if self._subscribed and self.connects > 1:
+            relist = self.list_encoders()
+            relist.addCallbacks(self._relisted, self._rewatch_failed, errbackArgs=("(list)",))
         self._by_stream.clear()
         for encoder_id, watched in list(self.watched.items()):
             watched.stream_id = 0
             self.watch(encoder_id).addErrback(self._rewatch_failed, encoder_id)
         self.first_ready(self)
+
+    def _relisted(self, infos: tuple[m.EncoderInfo, ...]) -> None:
+        if self.on_update is not None:
+            for info in infos:
+                self.on_update(info)
 
     def _rewatch_failed(self, failure: Failure, encoder_id: str) -> None:
         log.warn("cannot watch {e} again: {f}", e=encoder_id, f=failure.getErrorMessage())

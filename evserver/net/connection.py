@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from evserver.state.keepalive import Keepalive
 from evserver.wire import messages as m
@@ -33,11 +34,18 @@ log = Logger()
 CLOSE_GRACE = 2.0
 
 
+@implementer(IPushProducer)
 class WireConnection(Protocol):
     """Preamble, framing, keepalive and error handling for one connection.
 
     ``is_server`` says which side this is; it selects the messages that may
     be received.  ``clock`` is injected so that tests drive time.
+
+    Write backpressure: the connection is a streaming producer of its own
+    transport.  While the transport's write buffer is full, it stops reading
+    from the peer, so a peer that sends requests but never reads the answers
+    cannot make the buffer grow (``write_paused`` / ``write_resumed`` let a
+    subclass do otherwise, as the viewer relay does).
     """
 
     protocol_name: ProtocolName
@@ -52,12 +60,14 @@ class WireConnection(Protocol):
         self.connected = False
         self._abort_call: IDelayedCall | None = None
         self._receiving = True
+        self._write_blocked = False
         self._pending: list[bytes] = []
 
     # -- Twisted ---------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.connected = True
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self.transport.write(encode_preamble(self.protocol_name))  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
@@ -75,7 +85,7 @@ class WireConnection(Protocol):
         try:
             for item in self.decoder.feed(data):
                 if isinstance(item, Preamble):
-                    check_peer_preamble(item, self.protocol_name)
+                    check_peer_preamble(item, self.protocol_name, not self.is_server)
                     self.peer_preamble = item
                     continue
                 msg_type, body = item
@@ -102,9 +112,33 @@ class WireConnection(Protocol):
         if self._receiving or self.failed or not self.connected:
             return
         self._receiving = True
-        self.transport.resumeProducing()  # type: ignore[union-attr]
+        if not self._write_blocked:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
         pending, self._pending = b"".join(self._pending), []
         self._process(pending)
+
+    # IPushProducer: our transport's write buffer filled up / drained.
+    def pauseProducing(self) -> None:
+        if not self._write_blocked:
+            self._write_blocked = True
+            self.write_paused()
+
+    def resumeProducing(self) -> None:
+        if self._write_blocked:
+            self._write_blocked = False
+            self.write_resumed()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def write_paused(self) -> None:
+        """The peer does not read fast enough: stop reading its requests."""
+        if self.connected:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def write_resumed(self) -> None:
+        if self.connected and self._receiving:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.connected = False

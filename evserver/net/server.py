@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -194,7 +194,7 @@ class ViewerControl(_ServerConnection):
             self.refuse(getattr(msg, "request_id", 0), refused.code, refused.message)
 
     def _logged_in(self, account: Any) -> None:
-        if not self.connected:
+        if not self.connected or self.failed:
             return
         if account is None:
             log.info("viewer login failed from {peer}", peer=_peer(self))
@@ -221,7 +221,7 @@ class ViewerControl(_ServerConnection):
                 relay.close()
 
 
-@implementer(IMediaSink, IPushProducer)
+@implementer(IMediaSink)
 class Relay(_ServerConnection):
     """A relay connection: media up from an encoder, or down to a viewer."""
 
@@ -252,7 +252,6 @@ class Relay(_ServerConnection):
             self.decoder.max_frame = self.factory.settings.max_media_frame
         else:
             self.feed = session.attach_relay(self, self)
-            self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self.send(m.RelayOk())
 
     def media_received(self, body: bytes) -> None:
@@ -262,6 +261,9 @@ class Relay(_ServerConnection):
                                     "media is only accepted from an authenticated encoder")
         if len(body) < m.MEDIA_OVERHEAD:
             raise ProtocolViolation(ErrorCode.MALFORMED, "truncated media header")
+        if body[:4] != b"\0\0\0\0":
+            raise ProtocolViolation(ErrorCode.PROTOCOL_VIOLATION,
+                                    "uplink media must carry stream_id 0")
         flags = body[_MEDIA_FLAGS_AT]
         if flags & ~m.FLAG_KEYFRAME:
             raise ProtocolViolation(ErrorCode.MALFORMED, f"unknown media flags {flags:#x}")
@@ -284,17 +286,21 @@ class Relay(_ServerConnection):
         if self.connected:
             self.transport.abortConnection()  # type: ignore[union-attr]
 
-    # IPushProducer: the transport's write buffer is full / drained.
-    def pauseProducing(self) -> None:
+    # The transport's write buffer is full / drained.  A viewer's video
+    # queues in its feed (bounded, skipping to keyframes, and dropped after
+    # the stall timeout); its Pings are still read, so a slow viewer is not
+    # taken for a dead one.
+    def write_paused(self) -> None:
         if self.feed is not None:
             self.feed.pause()
+        else:
+            super().write_paused()
 
-    def resumeProducing(self) -> None:
+    def write_resumed(self) -> None:
         if self.feed is not None:
             self.feed.resume()
-
-    def stopProducing(self) -> None:
-        pass
+        else:
+            super().write_resumed()
 
     def connection_closed(self, reason: Failure) -> None:
         session = self.session

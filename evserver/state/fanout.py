@@ -63,6 +63,7 @@ class ViewerFeed:
     """
 
     __slots__ = (
+        "__weakref__",
         "_clock",
         "_closed",
         "_max_queue_bytes",
@@ -256,6 +257,7 @@ class Stream:
     """One live encoder stream: GOP cache, viewer set and keyframe requests."""
 
     __slots__ = (
+        "__weakref__",
         "_clock",
         "_closed",
         "_feeds",

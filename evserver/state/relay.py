@@ -202,14 +202,14 @@ class ViewerSession:
         return m.EncoderList(request_id, self.core.encoder_infos(self.domain))
 
     def watch(self, request_id: int, encoder_id: str) -> m.WatchOk:
-        channel = self.core._channel_for(encoder_id, self.domain)
-        if channel.stream_id in self.watching:
+        if any(c.encoder_id == encoder_id for c in self.watching.values()):
             raise Refused(ErrorCode.DUPLICATE, f"already watching {encoder_id!r}")
         if len(self.watching) >= self.core.limits.max_watches:
             raise Refused(
                 ErrorCode.LIMIT_EXCEEDED,
                 f"at most {self.core.limits.max_watches} streams per connection",
             )
+        channel = self.core._channel_for(encoder_id, self.domain)
         self.watching[channel.stream_id] = channel
         channel.watchers.add(self)
         if self.feed is not None:
@@ -317,6 +317,9 @@ class RelayCore:
                      encoder_id=encoder_id)
             old.link.close_with_error(ErrorCode.SUPERSEDED,
                                       "this encoder connected again elsewhere")
+            if old.relay is not None:
+                old.relay.close_with_error(ErrorCode.SUPERSEDED,
+                                           "this encoder connected again elsewhere")
             self.encoder_disconnected(old)
         ticket = self._new_ticket()
         session = EncoderSession(self, encoder_id, name, domain, link, ticket)

@@ -124,13 +124,19 @@ def decode_preamble(data: bytes) -> Preamble:
     return Preamble(name, (major, minor))
 
 
-def check_peer_preamble(preamble: Preamble, expected: ProtocolName) -> None:
-    """Raise ProtocolViolation unless the peer speaks ``expected`` in a version we accept."""
+def check_peer_preamble(preamble: Preamble, expected: ProtocolName,
+                        peer_is_server: bool = False) -> None:
+    """Raise ProtocolViolation unless the peer speaks ``expected`` in a version we accept.
+
+    ``peer_is_server`` words the message for a client that reached a server
+    port of another protocol.
+    """
     if preamble.name is not expected:
+        ours, theirs = expected.value.decode(), preamble.name.value.decode()
         raise ProtocolViolation(
             ErrorCode.WRONG_PROTOCOL,
-            f"this port speaks {expected.value.decode()!r}, "
-            f"not {preamble.name.value.decode()!r}",
+            f"the server on this port speaks {theirs!r}, not {ours!r}" if peer_is_server
+            else f"this port speaks {ours!r}, not {theirs!r}",
         )
     major, minor = preamble.version
     if major != VERSION[0] or (major, minor) < MIN_VERSION:
