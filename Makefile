@@ -14,7 +14,7 @@ INSTALL_STAMP := $(VENV)/.install-stamp
 # Every source file and directory (a directory's time changes when a file is
 # added or removed), without the bytecode caches.
 SOURCES := $(shell find evserver twisted/plugins -name __pycache__ -prune \
-	-o -type d -print -o -type f -name '*.py' -print)
+	-o -type d -print -o -type f \( -name '*.py' -o -name '*.css' -o -name '*.js' \) -print)
 
 .PHONY: all test lint demo bench clean
 

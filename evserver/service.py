@@ -12,6 +12,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from evserver.admin import ReloadingTLSOptions, make_admin_site
 from evserver.config import ServerConfig
 from evserver.net.server import (
     Authenticator,
@@ -24,6 +25,7 @@ from evserver.net.server import (
 from evserver.startup import fatal_startup_error
 from evserver.state.relay import Limits, RelayCore
 from evserver.store import Store
+from evserver.tls import ensure_server_certificate, wrap_server_factory
 from evserver.wire import messages as m
 
 log = Logger()
@@ -103,14 +105,12 @@ class RelayServerService(MultiService):
             ),
         )
         self.auth = Authenticator(self.store)
-        tls = None
-        if config.tls:
-            from evserver.tls import ensure_server_certificate, server_tls_options
-
-            cert, key = ensure_server_certificate(
-                config.data_dir, _hostnames(config.external_host)
-            )
-            tls = server_tls_options(cert, key)
+        self.started_at = reactor.seconds()
+        # The certificate is made even with --plain: the admin site is HTTPS
+        # only.  It is re-read, for every port, when its files change.
+        cert, key = ensure_server_certificate(config.data_dir, _hostnames(config.external_host))
+        self.tls_options = ReloadingTLSOptions(cert, key, reactor)
+        tls = self.tls_options if config.tls else None
         self.factories: dict[str, ServerFactory] = {}
         for name, cls, endpoint in (
             ("encoder control", EncoderControl, config.encoder_endpoint),
@@ -119,12 +119,13 @@ class RelayServerService(MultiService):
         ):
             factory = ServerFactory(cls, self.core, self.auth, self.settings, reactor)
             self.factories[name] = factory
-            served: Any = factory
-            if tls is not None:
-                from evserver.tls import wrap_server_factory
-
-                served = wrap_server_factory(factory, tls)
+            served: Any = factory if tls is None else wrap_server_factory(factory, tls)
             ListenerService(name, endpoint, served, reactor).setServiceParent(self)
+        self.admin_site = make_admin_site(self.store, self.core, config, reactor,
+                                          self.started_at)
+        ListenerService("admin web site", config.admin_endpoint,
+                        wrap_server_factory(self.admin_site, self.tls_options),
+                        reactor).setServiceParent(self)
 
     def servers(self) -> tuple[m.ServerInfo, ...]:
         c = self.config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from functools import partial
 
@@ -434,6 +435,19 @@ def test_stall_timer_fires_once_while_paused() -> None:
     assert clock.getDelayedCalls() == []
 
 
+def test_stall_timer_restarts_on_each_pause() -> None:
+    clock = Clock()
+    feed, sink = make_feed(clock, stall_timeout=5.0)
+    feed.pause()
+    clock.advance(4.5)
+    feed.resume()
+    feed.pause()
+    clock.advance(4.5)  # paused 4.5 s this time, 9 s in all
+    assert sink.stalled_calls == 0
+    clock.advance(0.5)
+    assert sink.stalled_calls == 1
+
+
 def test_stall_leads_to_close() -> None:
     clock = Clock()
     stream, cb = make_stream(clock)
@@ -559,6 +573,49 @@ def test_viewer_closed_during_publish_does_not_disturb_others() -> None:
     assert stream.viewer_count == 1
 
 
+def test_publish_during_flush_queues_behind_older_frames() -> None:
+    clock = Clock()
+    stream, _ = make_stream(clock)
+    pub = Publisher(stream)
+    feed, sink = make_feed(clock)
+    stream.add_viewer(feed)
+    pub(True)
+    feed.pause()
+    queued = [pub(False) for _ in range(3)]
+    extra: list[bytes] = []
+
+    def publish_once(_data: bytes) -> None:
+        if not extra:
+            extra.append(pub(False))  # e.g. a frame arriving from a nested callback
+
+    sink.on_write = publish_once
+    feed.resume()
+    assert sink.writes[1:] == [*queued, *extra]
+
+
+def test_detached_objects_are_not_kept_alive() -> None:
+    """Removed viewers and closed streams hold no references to each other."""
+    clock = Clock()
+    stream, _ = make_stream(clock)
+    other, _ = make_stream(clock, stream_id=2)
+    feeds = [make_feed(clock)[0] for _ in range(3)]
+    for feed in feeds:
+        stream.add_viewer(feed)
+        other.add_viewer(feed)
+    refs = [weakref.ref(feed) for feed in feeds]
+    stream.remove_viewer(feeds[0])
+    other.remove_viewer(feeds[0])
+    feeds[1].close()
+    other.close()
+    stream.remove_viewer(feeds[2])
+    del feeds, feed
+    stream.publish(True, frame(1, 0, True))
+    assert [ref() for ref in refs] == [None, None, None]
+    stream_ref = weakref.ref(other)
+    del other
+    assert stream_ref() is None
+
+
 def test_invalid_arguments() -> None:
     clock = Clock()
     with pytest.raises(ValueError):
@@ -605,6 +662,83 @@ def test_slow_viewers_never_change_what_a_fast_viewer_gets(
         return fast_sink.writes
 
     assert run(True) == run(False)
+
+
+queue_op = st.one_of(
+    st.tuples(st.just("publish"), st.integers(0, 2), st.booleans(), st.integers(10, 70)),
+    st.tuples(st.just("pause"), st.just(0), st.just(False), st.just(0)),
+    # resume; the sink fills up again after ``n`` writes (0: never)
+    st.tuples(st.just("resume"), st.integers(0, 4), st.just(False), st.just(0)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(queue_op, min_size=10, max_size=100), max_queue=st.integers(40, 200))
+def test_slow_viewer_queue_bounded_and_resumes_at_keyframes(
+    ops: list[tuple[str, int, bool, int]], max_queue: int
+) -> None:
+    """One viewer on three streams under arbitrary backpressure.
+
+    Checks after every step: ``queued_bytes <= max_queue_bytes``; nothing is
+    written while paused; every offered frame is exactly one of written,
+    skipped or queued; per stream, deliveries are an in-order subsequence of
+    what was published, starting at a keyframe, and resume at a keyframe after
+    any gap.  At the end, once drained, the viewer gets every new frame.
+    """
+    clock = Clock()
+    streams = [make_stream(clock, stream_id=i)[0] for i in range(3)]
+    feed, sink = make_feed(clock, max_queue_bytes=max_queue)
+    for stream in streams:
+        stream.add_viewer(feed)
+    budget = [0]
+    offered = 0
+    published: list[tuple[int, bool]] = []  # global seq -> (stream, keyframe)
+    last: dict[int, int] = {}  # stream -> last delivered seq
+
+    def on_write(data: bytes) -> None:
+        assert not feed.paused, "wrote while paused"
+        s, seq, key = parse(data)
+        assert published[seq] == (s, key)
+        if s in last:
+            prev = last[s]
+            assert seq > prev
+            gap = any(published[x][0] == s for x in range(prev + 1, seq))
+            assert key or not gap, "resumed after a skip without a keyframe"
+        else:
+            assert key, "first delivery must be a keyframe"
+        last[s] = seq
+        if budget[0]:
+            budget[0] -= 1
+            if budget[0] == 0:
+                feed.pause()
+
+    sink.on_write = on_write
+    for kind, n, key, size in ops:
+        if kind == "publish":
+            data = frame(n, len(published), key, size)
+            published.append((n, key))
+            offered += 1
+            streams[n].publish(key, data)
+        elif kind == "pause":
+            feed.pause()
+        else:
+            budget[0] = n
+            feed.resume()
+        assert feed.queued_bytes <= max_queue
+        assert feed.frames_written + feed.frames_skipped + feed.queued_frames == offered
+        if not feed.paused:
+            assert feed.queued_frames == 0
+
+    budget[0] = 0
+    feed.resume()
+    assert feed.queued_frames == 0 and feed.queued_bytes == 0
+    for i, stream in enumerate(streams):
+        tail = []
+        for key in (True, False):
+            tail.append(frame(i, len(published), key, 40))
+            published.append((i, key))
+            stream.publish(key, tail[-1])
+        assert sink.writes[-2:] == tail
 
 
 # -- stateful model test ---------------------------------------------------------
@@ -854,12 +988,16 @@ class FanoutMachine(RuleBasedStateMachine):
         sm.stream.reset()
         assert sm.requests == requests + should_request
 
-    @rule(s=st.integers(0, N_STREAMS - 1))
-    def close_stream(self, s: int) -> None:
-        """The encoder goes away (and comes back as a new Stream object)."""
+    @rule(s=st.integers(0, N_STREAMS - 1), rejoin=st.booleans())
+    def close_stream(self, s: int, rejoin: bool) -> None:
+        """The encoder goes away and comes back as a new Stream object.
+
+        With ``rejoin`` its viewers subscribe again to the new stream.
+        """
         sm = self.streams[s]
-        for key in [k for k in self.segments if k[1] == s]:
-            del self.segments[key]
+        watchers = [k[0] for k in self.segments if k[1] == s]
+        for f in watchers:
+            del self.segments[(f, s)]
         reported = sm.reported_count
         sm.stream.close()
         sm.stream.close()
@@ -873,10 +1011,16 @@ class FanoutMachine(RuleBasedStateMachine):
             with pytest.raises(RuntimeError):
                 sm.stream.add_viewer(fm.feed)
         self.streams[s] = self._new_stream(s)
+        if rejoin:
+            for f in watchers:
+                self.add_viewer(f, s)
 
-    @rule(f=st.integers(0, N_FEEDS - 1))
-    def close_feed(self, f: int) -> None:
-        """The viewer connection goes away (and a new one takes its slot)."""
+    @rule(
+        f=st.integers(0, N_FEEDS - 1),
+        subscribe=st.lists(st.integers(0, N_STREAMS - 1), max_size=N_STREAMS),
+    )
+    def close_feed(self, f: int, subscribe: list[int]) -> None:
+        """The viewer connection goes away; a new one takes its slot and subscribes."""
         fm = self.feeds[f]
         fm.closed = True
         for key in [k for k in self.segments if k[0] == f]:
@@ -893,6 +1037,8 @@ class FanoutMachine(RuleBasedStateMachine):
             with pytest.raises(RuntimeError):
                 sm.stream.add_viewer(fm.feed)
         self.feeds[f] = self._new_feed(f)
+        for s in subscribe:
+            self.add_viewer(f, s)
 
     @rule(half_seconds=st.integers(0, 12))
     def advance(self, half_seconds: int) -> None:

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -34,7 +40,7 @@ log = Logger()
 CLOSE_GRACE = 2.0
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class WireConnection(Protocol):
     """Preamble, framing, keepalive and error handling for one connection.
 
@@ -45,7 +51,9 @@ class WireConnection(Protocol):
     transport.  While the transport's write buffer is full, it stops reading
     from the peer, so a peer that sends requests but never reads the answers
     cannot make the buffer grow (``write_paused`` / ``write_resumed`` let a
-    subclass do otherwise, as the viewer relay does).
+    subclass do otherwise, as the viewer relay does).  During a TLS handshake
+    the TLS layer holds our writes and pauses us too; reading must go on
+    then, or the handshake never completes.
     """
 
     protocol_name: ProtocolName
@@ -61,12 +69,14 @@ class WireConnection(Protocol):
         self._abort_call: IDelayedCall | None = None
         self._receiving = True
         self._write_blocked = False
+        self._handshaking = False
         self._pending: list[bytes] = []
 
     # -- Twisted ---------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.connected = True
+        self._handshaking = ISSLTransport.providedBy(self.transport)
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self.transport.write(encode_preamble(self.protocol_name))  # type: ignore[union-attr]
 
@@ -131,9 +141,14 @@ class WireConnection(Protocol):
     def stopProducing(self) -> None:
         pass
 
+    def handshakeCompleted(self) -> None:
+        self._handshaking = False
+        if self._write_blocked:
+            self.write_paused()
+
     def write_paused(self) -> None:
         """The peer does not read fast enough: stop reading its requests."""
-        if self.connected:
+        if self.connected and not self._handshaking:
             self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def write_resumed(self) -> None:

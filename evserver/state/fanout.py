@@ -10,8 +10,11 @@ Backpressure: the I/O layer forwards its transport's producer calls to
 :meth:`ViewerFeed.pause` / :meth:`ViewerFeed.resume`.  While paused, frames
 are queued up to ``max_queue_bytes``; when the next frame would not fit, the
 whole queue is dropped and the affected streams skip to their next keyframe
-for that viewer.  A viewer paused for longer than ``stall_timeout`` is
-reported once through :meth:`IMediaSink.stalled`.
+for that viewer (an overflowing keyframe that fits on its own is kept and
+starts the new queue, so its stream loses nothing more).  A viewer paused for
+longer than ``stall_timeout`` without a break is reported through
+:meth:`IMediaSink.stalled`, at most once per feed.  Leaving a stream purges
+that stream's queued frames; other streams' frames stay queued.
 
 Bounds (tested):
 

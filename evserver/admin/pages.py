@@ -1,0 +1,757 @@
+"""The admin site's pages, built with twisted.web.template (escaped by construction).
+
+Every function here returns a tag tree; nothing builds HTML from strings.
+Live parts carry ``data-live-*`` attributes that ``static/live.js`` uses to
+refresh them from the JSON API every few seconds:
+
+* ``data-live-src="/api/..."`` on a container names the API document;
+* ``data-live-key="load.viewers"`` on an element: its text is that value;
+* a ``<table data-live-list="encoders">``: its rows are rebuilt from that
+  list, one cell per ``<th data-key=...>`` (``data-format`` and
+  ``data-link`` as in :class:`Column`);
+* ``<ul data-live-items="warnings">``: its items are that list of strings.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from twisted.web.template import Tag, tags
+
+from evserver.admin.auth import CSRF_FIELD
+from evserver.admin.status import ServerView, human_bytes
+from evserver.admin.web import segment
+from evserver.store import ROLES, Account, AuditEntry, Domain, Encoder
+
+NAV = (
+    ("home", "/", "Home"),
+    ("server", None, "This server"),  # /servers/<this server's id>
+    ("domains", "/domains", "Domains"),
+    ("accounts", "/accounts", "Accounts"),
+    ("encoders", "/encoders", "Encoders"),
+    ("audit", "/audit", "Audit log"),
+    ("settings", "/settings", "Settings"),
+)
+
+
+@attrs.frozen
+class Chrome:
+    """What every page's header and footer show."""
+
+    server_id: str
+    external_host: str
+    version: str
+    account: str | None = None
+    csrf: str | None = None
+    flashes: Sequence[str] = ()
+
+
+@attrs.frozen
+class Column:
+    """A column of a live table: JSON key, heading, format and optional link.
+
+    ``fmt``: None (text), "bytes", "list" (comma separated), "state" (a badge),
+    "yesno".  ``link``: a path with ``{key}`` placeholders, each filled with
+    that row value quoted as one path segment.
+    """
+
+    key: str
+    label: str
+    fmt: str | None = None
+    link: str | None = None
+    numeric: bool = False
+
+
+def server_path(server_id: str) -> str:
+    return "/servers/" + segment(server_id)
+
+
+def timestamp(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# -- page frame --------------------------------------------------------------
+
+
+def layout(chrome: Chrome, title: str, active: str | None, *content: Any,
+           live_src: str | None = None) -> Tag:
+    nav_items = []
+    for key, href, label in NAV:
+        path = server_path(chrome.server_id) if href is None else href
+        link = tags.a(label, href=path)
+        if key == active:
+            link(**{"aria-current": "page", "class": "active"})
+        nav_items.append(tags.li(link))
+    header_children: list[Any] = [
+        tags.div(
+            tags.a("evserver", href="/", class_="brand"),
+            tags.span(
+                "server ", tags.code(chrome.server_id), " · ", chrome.external_host,
+                class_="server-name",
+            ),
+            class_="title",
+        )
+    ]
+    if chrome.account is not None:
+        header_children.append(tags.nav(tags.ul(*nav_items), **{"aria-label": "Main"}))
+        header_children.append(
+            tags.form(
+                tags.span(chrome.account, class_="who"),
+                csrf_input(chrome),
+                tags.button("Log out", type="submit", class_="link"),
+                method="post", action="/logout", class_="logout",
+            )
+        )
+    flashes = [tags.p(text, class_="flash", role="status") for text in chrome.flashes]
+    footer: list[Any] = [f"evserver {chrome.version} · server {chrome.server_id}"]
+    if chrome.account is not None:  # the article's link, at the foot of every page
+        footer[:0] = [tags.a("All server settings", href="/settings"), " · "]
+    main = Tag("main")(tags.h1(title), *flashes, *content, id="main")  # not in tags
+    if live_src is not None:
+        main(**{"data-live-src": live_src})
+    return tags.html(
+        tags.head(
+            tags.meta(charset="utf-8"),
+            tags.meta(name="viewport", content="width=device-width, initial-scale=1"),
+            tags.title(f"{title} · evserver {chrome.server_id}"),
+            tags.link(rel="stylesheet", href="/static/style.css"),
+            tags.script(src="/static/live.js", defer="defer"),
+        ),
+        tags.body(
+            tags.header(*header_children, class_="top"),
+            main,
+            tags.footer(*footer),
+        ),
+        lang="en",
+    )
+
+
+def csrf_input(chrome: Chrome) -> Tag:
+    return tags.input(type="hidden", name=CSRF_FIELD, value=chrome.csrf or "")
+
+
+def error_for(errors: dict[str | None, str], name: str | None) -> list[Tag]:
+    message = errors.get(name)
+    if message is None:
+        return []
+    return [tags.p(message, class_="error", id=f"{name or 'form'}-error", role="alert")]
+
+
+def text_field(label: str, name: str, value: str = "", errors: dict[str | None, str] | None = None,
+               *, kind: str = "text", hint: str | None = None, required: bool = True,
+               autocomplete: str | None = None) -> Tag:
+    errors = errors or {}
+    attributes: dict[str, Any] = {"type": kind, "name": name, "id": f"f-{name}"}
+    if kind != "password":
+        attributes["value"] = value
+    if required:
+        attributes["required"] = "required"
+    if autocomplete:
+        attributes["autocomplete"] = autocomplete
+    if name in errors:
+        attributes["aria-invalid"] = "true"
+        attributes["aria-describedby"] = f"{name}-error"
+    parts: list[Any] = [tags.label(label, **{"for": f"f-{name}"}), tags.input(**attributes)]
+    if hint:
+        parts.append(tags.small(hint, class_="hint"))
+    parts.extend(error_for(errors, name))
+    return tags.div(*parts, class_="field" + (" invalid" if name in errors else ""))
+
+
+def select_field(label: str, name: str, options: Sequence[tuple[str, str]], selected: str = "",
+                 errors: dict[str | None, str] | None = None) -> Tag:
+    errors = errors or {}
+    opts = []
+    for value, text in options:
+        opt = tags.option(text, value=value)
+        if value == selected:
+            opt(selected="selected")
+        opts.append(opt)
+    attributes: dict[str, Any] = {"name": name, "id": f"f-{name}"}
+    if name in errors:
+        attributes["aria-invalid"] = "true"
+        attributes["aria-describedby"] = f"{name}-error"
+    return tags.div(
+        tags.label(label, **{"for": f"f-{name}"}),
+        tags.select(*opts, **attributes),
+        *error_for(errors, name),
+        class_="field" + (" invalid" if name in errors else ""),
+    )
+
+
+def post_form(chrome: Chrome, action: str, *fields: Any, button: str,
+              danger: bool = False, confirm: str | None = None,
+              errors: dict[str | None, str] | None = None, inline: bool = False) -> Tag:
+    button_tag = tags.button(button, type="submit", class_="danger" if danger else "primary")
+    form = tags.form(
+        csrf_input(chrome), *error_for(errors or {}, None), *fields,
+        tags.div(button_tag, class_="actions"),
+        method="post", action=action, class_="inline" if inline else "stacked",
+    )
+    if confirm:
+        form(**{"data-confirm": confirm})
+    return form
+
+
+def state_badge(state: str) -> Tag:
+    return tags.span(state, class_=f"badge state-{state}")
+
+
+def format_cell(value: Any, fmt: str | None) -> Any:
+    if fmt == "bytes":
+        return human_bytes(int(value or 0))
+    if fmt == "list":
+        return ", ".join(str(v) for v in value) if value else "—"
+    if fmt == "state":
+        return state_badge(str(value))
+    if fmt == "yesno":
+        return "yes" if value else "no"
+    if value is None or value == "":
+        return "—"
+    return str(value)
+
+
+def live_table(list_key: str, columns: Sequence[Column], rows: Sequence[dict[str, Any]],
+               empty: str, caption: str | None = None) -> Tag:
+    head = []
+    for col in columns:
+        th = tags.th(col.label, scope="col", **{"data-key": col.key})
+        if col.fmt:
+            th(**{"data-format": col.fmt})
+        if col.link:
+            th(**{"data-link": col.link})
+        if col.numeric:
+            th(class_="num")
+        head.append(th)
+    body = []
+    for row in rows:
+        cells = []
+        for col in columns:
+            content = format_cell(row.get(col.key), col.fmt)
+            if col.link:
+                href = col.link
+                for key, value in row.items():
+                    href = href.replace("{" + key + "}", segment(str(value)))
+                content = tags.a(content, href=href)
+            cells.append(tags.td(content, class_="num") if col.numeric else tags.td(content))
+        body.append(tags.tr(*cells))
+    table = tags.table(
+        *([tags.caption(caption)] if caption else []),
+        tags.thead(tags.tr(*head)),
+        tags.tbody(*body),
+        **{"data-live-list": list_key, "data-empty": empty},
+    )
+    return tags.div(
+        table,
+        tags.p(empty, class_="empty", hidden="hidden") if rows else tags.p(empty, class_="empty"),
+        class_="table-wrap",
+    )
+
+
+def static_table(headings: Sequence[str], rows: Sequence[Sequence[Any]], empty: str,
+                 numeric: Sequence[int] = ()) -> Tag:
+    if not rows:
+        return tags.p(empty, class_="empty")
+    return tags.div(
+        tags.table(
+            tags.thead(tags.tr(*[
+                tags.th(h, scope="col", class_="num") if i in numeric else tags.th(h, scope="col")
+                for i, h in enumerate(headings)
+            ])),
+            tags.tbody(*[
+                tags.tr(*[
+                    tags.td(c, class_="num") if i in numeric else tags.td(c)
+                    for i, c in enumerate(row)
+                ])
+                for row in rows
+            ]),
+        ),
+        class_="table-wrap",
+    )
+
+
+def definition_list(items: Sequence[tuple[str, Any]]) -> Tag:
+    parts: list[Tag] = []
+    for term, value in items:
+        parts.append(tags.dt(term))
+        parts.append(tags.dd(value))
+    return tags.dl(*parts, class_="facts")
+
+
+def live(key: str, value: Any) -> Tag:
+    return tags.span(str(value), **{"data-live-key": key})
+
+
+# -- login -------------------------------------------------------------------
+
+
+def login_page(chrome: Chrome, token: str, *, name: str = "", error: str | None = None,
+               notice: str | None = None, bootstrap: str | None = None,
+               next_path: str = "/") -> Tag:
+    parts: list[Any] = []
+    intro: list[Any] = []
+    if notice:
+        parts.append(tags.p(notice, class_="flash", role="status"))
+    if bootstrap:
+        intro.append(tags.div(
+            tags.p(tags.strong("No administrator account exists yet.")),
+            tags.p("Create the first one on this server's machine, with the server's "
+                   "data directory, for example:"),
+            tags.pre(bootstrap),
+            tags.p("Then log in here with that name and password."),
+            class_="notice",
+        ))
+    if error:
+        parts.append(tags.p(error, class_="error", role="alert", id="form-error"))
+    parts.append(tags.form(
+        tags.input(type="hidden", name=CSRF_FIELD, value=token),
+        tags.input(type="hidden", name="next", value=next_path),
+        text_field("Account name", "name", name, autocomplete="username"),
+        text_field("Password", "password", kind="password", autocomplete="current-password"),
+        tags.div(tags.button("Log in", type="submit", class_="primary"), class_="actions"),
+        method="post", action="/login", class_="stacked login",
+    ))
+    return layout(chrome, "Log in", None, *intro, tags.div(*parts, class_="login-box"))
+
+
+# -- homepage ----------------------------------------------------------------
+
+
+def warnings_list(warnings: Sequence[str]) -> Tag:
+    ul = tags.ul(*[tags.li(w) for w in warnings], class_="warnings",
+                 **{"data-live-items": "warnings"})
+    if not warnings:
+        ul(hidden="hidden")
+    return ul
+
+
+def load_facts(view: ServerView) -> Tag:
+    load = view.load()
+    return definition_list([
+        ("Encoders online", live("load.encoders_online", load["encoders_online"])),
+        ("Encoders streaming", live("load.encoders_streaming", load["encoders_streaming"])),
+        ("Viewers", live("load.viewers", load["viewers"])),
+        ("Active streams", live("load.channels", load["channels"])),
+    ])
+
+
+def home_page(chrome: Chrome, view: ServerView) -> Tag:
+    server = view.server()
+    ports = [
+        (p["carries"], tags.code(p["endpoint"]), str(p["external_port"]),
+         "TLS" if p["tls"] else "plain TCP")
+        for p in server["ports"]
+    ]
+    return layout(
+        chrome, "Server home", "home",
+        warnings_list(server["warnings"]),
+        tags.div(
+            tags.section(
+                tags.h2("This server"),
+                definition_list([
+                    ("Server id", tags.code(server["server_id"])),
+                    ("Version", server["version"]),
+                    ("Uptime", live("uptime_text", server["uptime_text"])),
+                    ("External address", server["external_host"]),
+                    ("Admin site", tags.a(server["admin_url"], href=server["admin_url"])),
+                    ("Registered encoders", live("encoders_registered",
+                                                 server["encoders_registered"])),
+                ]),
+                class_="card",
+            ),
+            tags.section(
+                tags.h2("Load"),
+                load_facts(view),
+                tags.p(tags.a("Connected encoders and viewers",
+                              href=server_path(view.server_id)), class_="more"),
+                class_="card",
+            ),
+            class_="cards",
+        ),
+        tags.section(
+            tags.h2("Ports"),
+            static_table(("Carries", "Listening endpoint", "External port", "Security"),
+                         ports, "No ports.", numeric=(2,)),
+        ),
+        live_src="/api/server",
+    )
+
+
+# -- all server settings -------------------------------------------------------
+
+
+def settings_page(chrome: Chrome, view: ServerView) -> Tag:
+    rows = [(s.description, tags.code(s.name), s.text) for s in view.settings()]
+    cert = view.certificate()
+    if cert is None:
+        cert_part: Any = tags.p("No TLS certificate file was found in the data directory.",
+                                class_="empty")
+    else:
+        cert_part = definition_list([
+            ("File", tags.code(cert.path)),
+            ("Names", ", ".join(cert.names) or "—"),
+            ("Valid", f"{cert.not_before:%Y-%m-%d} to {cert.not_after:%Y-%m-%d}"),
+            ("SHA-256 fingerprint", tags.code(cert.sha256, class_="fingerprint")),
+            ("Issuer", "self-signed" if cert.self_signed else "a certificate authority"),
+        ])
+    return layout(
+        chrome, "All server settings", "settings",
+        tags.nav(tags.ul(
+            tags.li(tags.a("Server configuration", href="#configuration")),
+            tags.li(tags.a("TLS certificate", href="#certificate")),
+            tags.li(tags.a("Multi-site resilience", href="#multi-site")),
+        ), class_="toc", **{"aria-label": "Sections"}),
+        tags.section(
+            tags.h2("Server configuration", id="configuration"),
+            tags.p("Set when the server starts (twistd evserver options); shown read-only.",
+                   class_="hint"),
+            static_table(("Setting", "Name", "Value"), rows, "No settings."),
+        ),
+        tags.section(
+            tags.h2("TLS certificate", id="certificate"),
+            cert_part,
+            tags.p("To change it, replace server.pem and server.key (each atomically, the key "
+                   "first): new connections to this site use the new certificate within a "
+                   "few seconds, without a restart.", class_="hint"),
+        ),
+        tags.section(
+            tags.h2("Multi-site resilience", id="multi-site"),
+            tags.p("This server is standalone: multi-site resilience (clustering) is not "
+                   "available in this version."),
+        ),
+    )
+
+
+# -- this server: connected encoders and viewers ---------------------------------
+
+CONNECTED_ENCODER_COLUMNS = (
+    Column("encoder_id", "Encoder id", link="/encoders/{encoder_id}"),
+    Column("name", "Name"),
+    Column("domain", "Domain"),
+    Column("state", "State", fmt="state"),
+    Column("viewers", "Viewers", numeric=True),
+    Column("frames_in", "Frames in", numeric=True),
+    Column("bytes_in", "Bytes in", fmt="bytes", numeric=True),
+)
+
+VIEWER_COLUMNS = (
+    Column("account", "Account", link="/accounts/{account}"),
+    Column("domain", "Domain"),
+    Column("watching", "Watching", fmt="list"),
+    Column("queued_bytes", "Queued", fmt="bytes", numeric=True),
+    Column("frames_out", "Frames out", numeric=True),
+    Column("frames_skipped", "Skipped", numeric=True),
+)
+
+
+def server_page(chrome: Chrome, view: ServerView) -> Tag:
+    return layout(
+        chrome, f"This server: {view.server_id}", "server",
+        tags.section(load_facts(view), class_="card wide", **{"data-live-src": "/api/server"}),
+        tags.section(
+            tags.h2("Connected encoders"),
+            live_table("encoders", CONNECTED_ENCODER_COLUMNS, view.connected_encoders(),
+                       "No encoder is connected to this server."),
+            **{"data-live-src": "/api/encoders?connected=1"},
+        ),
+        tags.section(
+            tags.h2("Connected viewers"),
+            live_table("viewers", VIEWER_COLUMNS, view.viewers(),
+                       "No viewer is connected to this server."),
+            **{"data-live-src": "/api/viewers"},
+        ),
+    )
+
+
+# -- domains -------------------------------------------------------------------
+
+
+def domains_page(chrome: Chrome, domains: Sequence[Domain], accounts: Sequence[Account],
+                 encoders: Sequence[Encoder], *, name: str = "",
+                 errors: dict[str | None, str] | None = None) -> Tag:
+    account_counts = Counter(a.domain for a in accounts)
+    encoder_counts = Counter(e.domain for e in encoders)
+    rows = [
+        (tags.a(d.name, href="/domains/" + segment(d.name)), str(account_counts[d.name]),
+         str(encoder_counts[d.name]), timestamp(d.created))
+        for d in domains
+    ]
+    return layout(
+        chrome, "Domains", "domains",
+        static_table(("Domain", "Accounts", "Encoders", "Created"), rows,
+                     "No domains yet.", numeric=(1, 2)),
+        tags.section(
+            tags.h2("New domain"),
+            post_form(chrome, "/domains",
+                      text_field("Name", "name", name, errors,
+                                 hint="1 to 64 printable characters"),
+                      button="Create domain", errors=errors),
+            class_="card form-card",
+        ),
+    )
+
+
+def domain_page(chrome: Chrome, domain: Domain, accounts: Sequence[Account],
+                encoders: Sequence[Encoder], errors: dict[str | None, str] | None = None) -> Tag:
+    account_rows = [(tags.a(a.name, href="/accounts/" + segment(a.name)), a.role)
+                    for a in accounts]
+    encoder_rows = [(tags.a(e.encoder_id, href="/encoders/" + segment(e.encoder_id)), e.name)
+                    for e in encoders]
+    return layout(
+        chrome, f"Domain {domain.name}", "domains",
+        definition_list([("Name", domain.name), ("Created", timestamp(domain.created))]),
+        tags.section(tags.h2("Accounts"),
+                     static_table(("Account", "Role"), account_rows, "No accounts.")),
+        tags.section(tags.h2("Encoders"),
+                     static_table(("Encoder id", "Name"), encoder_rows, "No encoders.")),
+        tags.section(
+            tags.h2("Delete"),
+            tags.p("Only an empty domain (no accounts, no encoders) can be deleted.",
+                   class_="hint"),
+            post_form(chrome, "/domains/" + segment(domain.name) + "/delete",
+                      button="Delete domain", danger=True, errors=errors,
+                      confirm=f"Delete domain {domain.name}?"),
+            class_="card danger-zone",
+        ),
+    )
+
+
+# -- accounts ------------------------------------------------------------------
+
+ROLE_OPTIONS = [(r, r) for r in ROLES]
+
+
+def domain_options(domains: Sequence[Domain]) -> list[tuple[str, str]]:
+    return [("", "— choose —")] + [(d.name, d.name) for d in domains]
+
+
+def accounts_page(chrome: Chrome, accounts: Sequence[Account], domains: Sequence[Domain], *,
+                  form: dict[str, str] | None = None,
+                  errors: dict[str | None, str] | None = None) -> Tag:
+    form = form or {}
+    rows = [
+        (tags.a(a.name, href="/accounts/" + segment(a.name)), a.domain, a.role,
+         timestamp(a.created))
+        for a in accounts
+    ]
+    return layout(
+        chrome, "Accounts", "accounts",
+        static_table(("Account", "Domain", "Role", "Created"), rows, "No accounts yet."),
+        tags.section(
+            tags.h2("New account"),
+            post_form(
+                chrome, "/accounts",
+                text_field("Name", "name", form.get("name", ""), errors,
+                           hint="1 to 64 printable characters", autocomplete="off"),
+                select_field("Domain", "domain", domain_options(domains),
+                             form.get("domain", ""), errors),
+                text_field("Password", "password", errors=errors, kind="password",
+                           autocomplete="new-password"),
+                select_field("Role", "role", ROLE_OPTIONS, form.get("role", "viewer"), errors),
+                button="Create account", errors=errors,
+            ),
+            class_="card form-card",
+        ),
+    )
+
+
+def account_page(chrome: Chrome, account: Account,
+                 errors: dict[str | None, str] | None = None, failed: str | None = None) -> Tag:
+    errors = errors or {}
+    base = "/accounts/" + segment(account.name)
+
+    def errs(which: str) -> dict[str | None, str]:
+        return errors if failed == which else {}
+
+    return layout(
+        chrome, f"Account {account.name}", "accounts",
+        definition_list([
+            ("Name", account.name),
+            ("Domain", tags.a(account.domain, href="/domains/" + segment(account.domain))),
+            ("Role", account.role),
+            ("Created", timestamp(account.created)),
+            ("Changed", timestamp(account.updated)),
+        ]),
+        tags.div(
+            tags.section(
+                tags.h2("Password"),
+                post_form(chrome, base + "/password",
+                          text_field("New password", "password", errors=errs("password"),
+                                     kind="password", autocomplete="new-password"),
+                          button="Set password", errors=errs("password")),
+                class_="card form-card",
+            ),
+            tags.section(
+                tags.h2("Role"),
+                post_form(chrome, base + "/role",
+                          select_field("Role", "role", ROLE_OPTIONS, account.role,
+                                       errs("role")),
+                          button="Change role", errors=errs("role")),
+                class_="card form-card",
+            ),
+            tags.section(
+                tags.h2("Delete"),
+                post_form(chrome, base + "/delete", button="Delete account", danger=True,
+                          errors=errs("delete"), confirm=f"Delete account {account.name}?"),
+                class_="card form-card danger-zone",
+            ),
+            class_="cards",
+        ),
+    )
+
+
+# -- encoders ------------------------------------------------------------------
+
+ENCODER_COLUMNS = (
+    Column("encoder_id", "Encoder id", link="/encoders/{encoder_id}"),
+    Column("name", "Name"),
+    Column("domain", "Domain"),
+    Column("state", "State", fmt="state"),
+    Column("server_id", "Server"),
+    Column("viewers", "Viewers", numeric=True),
+)
+
+ENCODER_STATE_COLUMNS = (
+    *ENCODER_COLUMNS[3:],
+    Column("frames_in", "Frames in", numeric=True),
+    Column("bytes_in", "Bytes in", fmt="bytes", numeric=True),
+)
+
+
+def encoders_page(chrome: Chrome, rows: Sequence[dict[str, Any]], domains: Sequence[Domain], *,
+                  form: dict[str, str] | None = None,
+                  errors: dict[str | None, str] | None = None) -> Tag:
+    form = form or {}
+    return layout(
+        chrome, "Encoders", "encoders",
+        tags.section(
+            live_table("encoders", ENCODER_COLUMNS, rows, "No encoders yet."),
+            **{"data-live-src": "/api/encoders"},
+        ),
+        tags.section(
+            tags.h2("New encoder"),
+            post_form(
+                chrome, "/encoders",
+                text_field("Encoder id", "encoder_id", form.get("encoder_id", ""), errors,
+                           hint="1 to 64 of A-Z a-z 0-9 . _ - (the encoder logs in with it)",
+                           autocomplete="off"),
+                text_field("Name", "name", form.get("name", ""), errors, required=False,
+                           hint="shown to viewers; the id if left empty"),
+                select_field("Domain", "domain", domain_options(domains),
+                             form.get("domain", ""), errors),
+                button="Create encoder", errors=errors,
+            ),
+            tags.p("A secret is generated for the encoder and shown once.", class_="hint"),
+            class_="card form-card",
+        ),
+    )
+
+
+def secret_box(view: ServerView, encoder: Encoder, secret: str) -> Tag:
+    c = view.config
+    return tags.div(
+        tags.p(tags.strong("Copy the secret now: it is shown only this once."),
+               " Only a hash of it is kept."),
+        definition_list([
+            ("Encoder id", tags.code(encoder.encoder_id)),
+            ("Secret", tags.code(secret, class_="secret", id="secret")),
+            ("Server", tags.code(f"{c.external_host}:{c.external_encoder_port}")),
+        ]),
+        tags.p("For example: ",
+               tags.code(f"ev-encoder --server {c.external_host}:{c.external_encoder_port} "
+                         f"--id {encoder.encoder_id} --secret {secret}")),
+        class_="notice secret-box",
+    )
+
+
+def encoder_created_page(chrome: Chrome, view: ServerView, encoder: Encoder, secret: str) -> Tag:
+    return layout(
+        chrome, f"Encoder {encoder.encoder_id} created", "encoders",
+        secret_box(view, encoder, secret),
+        tags.p(tags.a("Back to encoders", href="/encoders"), " · ",
+               tags.a("This encoder", href="/encoders/" + segment(encoder.encoder_id))),
+    )
+
+
+def encoder_page(chrome: Chrome, view: ServerView, encoder: Encoder, row: dict[str, Any], *,
+                 errors: dict[str | None, str] | None = None, failed: str | None = None,
+                 name: str | None = None, new_secret: str | None = None) -> Tag:
+    errors = errors or {}
+    base = "/encoders/" + segment(encoder.encoder_id)
+
+    def errs(which: str) -> dict[str | None, str]:
+        return errors if failed == which else {}
+
+    state_row = tags.div(
+        live_table("encoder", ENCODER_STATE_COLUMNS, [row], "Not registered."),
+        **{"data-live-src": "/api/encoders/" + segment(encoder.encoder_id)},
+    )
+    return layout(
+        chrome, f"Encoder {encoder.encoder_id}", "encoders",
+        *([secret_box(view, encoder, new_secret)] if new_secret else []),
+        definition_list([
+            ("Encoder id", tags.code(encoder.encoder_id)),
+            ("Name", encoder.name),
+            ("Domain", tags.a(encoder.domain, href="/domains/" + segment(encoder.domain))),
+            ("Created", timestamp(encoder.created)),
+            ("Changed", timestamp(encoder.updated)),
+        ]),
+        tags.section(tags.h2("Live state"), state_row),
+        tags.div(
+            tags.section(
+                tags.h2("Name"),
+                post_form(chrome, base + "/name",
+                          text_field("Name", "name", encoder.name if name is None else name,
+                                     errs("name")),
+                          button="Rename", errors=errs("name")),
+                class_="card form-card",
+            ),
+            tags.section(
+                tags.h2("Secret"),
+                tags.p("A new secret replaces the old one: the encoder must then be "
+                       "configured with it.", class_="hint"),
+                post_form(chrome, base + "/secret", button="Generate a new secret",
+                          errors=errs("secret"),
+                          confirm=f"Replace the secret of {encoder.encoder_id}?"),
+                class_="card form-card",
+            ),
+            tags.section(
+                tags.h2("Delete"),
+                tags.p("A connected encoder stays connected until it disconnects; it "
+                       "cannot log in again.", class_="hint"),
+                post_form(chrome, base + "/delete", button="Delete encoder", danger=True,
+                          errors=errs("delete"), confirm=f"Delete encoder {encoder.encoder_id}?"),
+                class_="card form-card danger-zone",
+            ),
+            class_="cards",
+        ),
+    )
+
+
+# -- audit log -------------------------------------------------------------------
+
+
+def audit_page(chrome: Chrome, entries: Sequence[AuditEntry], limit: int) -> Tag:
+    rows = [
+        (tags.span(timestamp(e.at), class_="nowrap"), e.actor,
+         tags.code(e.server_id, class_="nowrap"), e.action, e.target, e.detail or "—")
+        for e in entries
+    ]
+    return layout(
+        chrome, "Audit log", "audit",
+        tags.p(f"The latest {limit} changes, newest first.", class_="hint"),
+        static_table(("When", "Who", "Server", "Action", "Target", "Detail"), rows,
+                     "Nothing has been changed yet."),
+    )
+
+
+# -- errors ----------------------------------------------------------------------
+
+
+def error_page(chrome: Chrome, title: str, message: str) -> Tag:
+    return layout(chrome, title, None, tags.p(message, class_="error"),
+                  tags.p(tags.a("Back to the server home", href="/")))

@@ -1,0 +1,169 @@
+// evserver admin: refresh the live parts of a page from the JSON API every 3 s.
+// Containers name their source with data-live-src; inside them,
+// data-live-key (text), data-live-list (table rows) and data-live-items
+// (list items) are filled from that JSON.  Text only: never innerHTML.
+"use strict";
+
+(function () {
+  var PERIOD_MS = 3000;
+
+  function get(data, path) {
+    return path.split(".").reduce(function (v, k) {
+      return v === null || v === undefined ? undefined : v[k];
+    }, data);
+  }
+
+  function humanBytes(n) {
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    var v = Number(n) || 0;
+    for (var i = 0; i < units.length; i++) {
+      if (Math.abs(v) < 1024 || i === units.length - 1) {
+        if (i === 0) return Math.trunc(v) + " B";
+        return v.toFixed(1).replace(/\.0$/, "") + " " + units[i];
+      }
+      v /= 1024;
+    }
+  }
+
+  function cell(value, format) {
+    if (format === "bytes") return document.createTextNode(humanBytes(value));
+    if (format === "list") {
+      return document.createTextNode(value && value.length ? value.join(", ") : "\u2014");
+    }
+    if (format === "yesno") return document.createTextNode(value ? "yes" : "no");
+    if (format === "state") {
+      var span = document.createElement("span");
+      span.className = "badge state-" + String(value).replace(/[^a-z]/g, "");
+      span.textContent = String(value);
+      return span;
+    }
+    if (value === null || value === undefined || value === "") {
+      return document.createTextNode("\u2014");
+    }
+    return document.createTextNode(String(value));
+  }
+
+  function fillLink(template, row) {
+    return template.replace(/\{([a-z_]+)\}/g, function (_, key) {
+      return encodeURIComponent(String(row[key]));
+    });
+  }
+
+  function updateTable(table, rows) {
+    if (!Array.isArray(rows)) rows = rows ? [rows] : [];
+    var heads = table.querySelectorAll("thead th");
+    var body = table.querySelector("tbody");
+    var fresh = document.createElement("tbody");
+    rows.forEach(function (row) {
+      var tr = document.createElement("tr");
+      heads.forEach(function (th) {
+        var td = document.createElement("td");
+        if (th.classList.contains("num")) td.className = "num";
+        var content = cell(row[th.dataset.key], th.dataset.format);
+        if (th.dataset.link) {
+          var a = document.createElement("a");
+          a.href = fillLink(th.dataset.link, row);
+          a.appendChild(content);
+          content = a;
+        }
+        td.appendChild(content);
+        tr.appendChild(td);
+      });
+      fresh.appendChild(tr);
+    });
+    table.replaceChild(fresh, body);
+    var empty = table.parentNode.querySelector("p.empty");
+    if (empty) empty.hidden = rows.length > 0;
+  }
+
+  function updateItems(list, items) {
+    while (list.firstChild) list.removeChild(list.firstChild);
+    (items || []).forEach(function (text) {
+      var li = document.createElement("li");
+      li.textContent = String(text);
+      list.appendChild(li);
+    });
+    list.hidden = !items || items.length === 0;
+  }
+
+  function owned(container, selector) {
+    // Elements of this container, not of a nested container.
+    return Array.prototype.filter.call(container.querySelectorAll(selector), function (el) {
+      return el.parentElement.closest("[data-live-src]") === container;
+    });
+  }
+
+  function apply(container, data) {
+    owned(container, "[data-live-key]").forEach(function (el) {
+      var v = get(data, el.dataset.liveKey);
+      el.textContent = v === undefined || v === null ? "\u2014" : String(v);
+    });
+    owned(container, "table[data-live-list]").forEach(function (table) {
+      updateTable(table, get(data, table.dataset.liveList));
+    });
+    owned(container, "[data-live-items]").forEach(function (list) {
+      updateItems(list, get(data, list.dataset.liveItems));
+    });
+  }
+
+  function showStatus(text) {
+    var box = document.getElementById("live-status");
+    if (!text) {
+      if (box) box.remove();
+      return;
+    }
+    if (!box) {
+      box = document.createElement("div");
+      box.id = "live-status";
+      box.setAttribute("role", "status");
+      document.body.appendChild(box);
+    }
+    box.textContent = text;
+  }
+
+  function refresh(containers) {
+    var sources = {};
+    containers.forEach(function (c) {
+      (sources[c.dataset.liveSrc] = sources[c.dataset.liveSrc] || []).push(c);
+    });
+    Object.keys(sources).forEach(function (src) {
+      fetch(src, { credentials: "same-origin", headers: { Accept: "application/json" } })
+        .then(function (response) {
+          if (response.status === 401) {
+            window.location.assign("/login?next=" + encodeURIComponent(window.location.pathname));
+            throw new Error("logged out");
+          }
+          if (!response.ok) throw new Error("HTTP " + response.status);
+          return response.json();
+        })
+        .then(function (data) {
+          sources[src].forEach(function (c) {
+            apply(c, data);
+            c.classList.remove("stale");
+          });
+          showStatus(null);
+        })
+        .catch(function () {
+          sources[src].forEach(function (c) { c.classList.add("stale"); });
+          showStatus("This server is not answering: the figures shown may be out of date.");
+        });
+    });
+  }
+
+  function confirmForms() {
+    document.querySelectorAll("form[data-confirm]").forEach(function (form) {
+      form.addEventListener("submit", function (event) {
+        if (!window.confirm(form.dataset.confirm)) event.preventDefault();
+      });
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    confirmForms();
+    var containers = Array.prototype.slice.call(document.querySelectorAll("[data-live-src]"));
+    if (containers.length === 0) return;
+    window.setInterval(function () {
+      if (!document.hidden) refresh(containers);
+    }, PERIOD_MS);
+  });
+})();

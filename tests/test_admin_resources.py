@@ -1,0 +1,1148 @@
+"""The admin site in process: sessions, CSRF, rate limiting, validation, escaping, audit.
+
+Requests are raw HTTP bytes fed to the real ``Site`` (``make_admin_site``)
+over a StringTransport, so every header, cookie and body is under the test's
+control; password hashing and checking run synchronously (injected
+``defer_to_thread``) with cheap scrypt parameters; time is a ``Clock``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from html import unescape
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import attrs
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.test import iosim
+
+from evserver import __version__, tls
+from evserver.admin import ReloadingTLSOptions, make_admin_site
+from evserver.admin.auth import LOGIN_COOKIE, SESSION_COOKIE
+from evserver.admin.site import AdminSite
+from evserver.admin.web import MAX_BODY_BYTES
+from evserver.config import ServerConfig
+from evserver.passwords import hash_password
+from evserver.state.relay import Limits, RelayCore
+from evserver.store import Store
+
+T0 = 1_700_000_000.0
+ADMIN_PASSWORD = "correct horse battery"
+
+
+def fast_hash(password: str) -> str:
+    return hash_password(password, n=16, r=1, p=1)
+
+
+def sync_thread(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+# -- a raw HTTP client -----------------------------------------------------------
+
+
+@attrs.define
+class Reply:
+    status: int
+    headers: dict[str, list[str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.get(name.lower())
+        return values[0] if values else None
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8")
+
+    def json(self) -> Any:
+        assert (self.header("content-type") or "").startswith("application/json"), self
+        return json.loads(self.body)
+
+    @property
+    def location(self) -> str | None:
+        return self.header("location")
+
+
+def parse_response(raw: bytes) -> Reply:
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    if "chunked" in headers.get("transfer-encoding", []):
+        body = b""
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            if size == 0:
+                break
+            body += rest[:size]
+            rest = rest[size + 2:]
+    else:
+        length = int(headers.get("content-length", ["0"])[0])
+        body = rest[:length]
+    return Reply(status, headers, body)
+
+
+class Client:
+    """A cookie-keeping HTTP/1.1 client talking to a Site through a StringTransport."""
+
+    def __init__(self, site: Any, address: str = "192.0.2.10") -> None:
+        self.site = site
+        self.address = address
+        self.cookies: dict[str, str] = {}
+        self.csrf: str | None = None
+
+    def request(self, method: str, path: str, body: bytes = b"",
+                headers: dict[str, str] | None = None, cookies: bool = True) -> Reply:
+        peer = IPv4Address("TCP", self.address, 50000)
+        protocol = self.site.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer,
+                                    hostAddress=IPv4Address("TCP", "127.0.0.1", 9443))
+        protocol.makeConnection(transport)
+        lines = [f"{method} {path} HTTP/1.1", "Host: admin.test:9443", "Connection: close"]
+        all_headers = dict(headers or {})
+        if cookies and self.cookies:
+            all_headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        if body or method in ("POST", "PATCH", "DELETE", "PUT"):
+            all_headers.setdefault("Content-Length", str(len(body)))
+        lines += [f"{k}: {v}" for k, v in all_headers.items()]
+        protocol.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body)
+        reply = parse_response(transport.value())
+        protocol.connectionLost(Failure(ConnectionError("done")))
+        for cookie in reply.headers.get("set-cookie", []):
+            name, _, rest = cookie.partition("=")
+            value = rest.split(";")[0]
+            if "max-age=0" in cookie.lower():
+                self.cookies.pop(name, None)
+            else:
+                self.cookies[name] = value
+        return reply
+
+    def get(self, path: str, **kw: Any) -> Reply:
+        return self.request("GET", path, **kw)
+
+    def post_form(self, path: str, fields: dict[str, str] | None = None,
+                  csrf: bool = True, **kw: Any) -> Reply:
+        data = dict(fields or {})
+        if csrf and self.csrf is not None:
+            data.setdefault("csrf", self.csrf)
+        body = urlencode(data).encode("ascii")
+        return self.request("POST", path, body,
+                            {"Content-Type": "application/x-www-form-urlencoded"}, **kw)
+
+    def api(self, method: str, path: str, data: Any = None, csrf: bool = True,
+            raw: bytes | None = None, content_type: str = "application/json") -> Reply:
+        headers = {}
+        if csrf and self.csrf is not None:
+            headers["X-CSRF-Token"] = self.csrf
+        body = raw if raw is not None else (b"" if data is None else json.dumps(data).encode())
+        if body or method != "GET":
+            headers["Content-Type"] = content_type
+        return self.request(method, path, body, headers)
+
+    def login(self, name: str = "root", password: str = ADMIN_PASSWORD,
+              next_path: str | None = None) -> Reply:
+        page = self.get("/login" + (f"?next={quote(next_path)}" if next_path else ""))
+        token = hidden(page.text, "csrf")
+        fields = {"csrf": token, "name": name, "password": password}
+        if next_path:
+            fields["next"] = hidden(page.text, "next")
+        reply = self.post_form("/login", fields, csrf=False)
+        if reply.status == 303 and SESSION_COOKIE in self.cookies:
+            self.csrf = self.api("GET", "/api/session").json()["csrf_token"]
+        return reply
+
+
+def hidden(html: str, name: str) -> str:
+    match = re.search(rf'<input type="hidden" name="{name}" value="([^"]*)"', html)
+    assert match, f"no hidden {name} field in {html[:500]}"
+    return unescape(match.group(1))
+
+
+# -- fixtures ----------------------------------------------------------------------
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+        self.closed: list[Any] = []
+
+    def send(self, msg: Any) -> None:
+        self.sent.append(msg)
+
+    def close_with_error(self, code: Any, message: str) -> None:
+        self.closed.append((code, message))
+
+
+class FakeSink:
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.frames.append(data)
+
+    def stalled(self) -> None:
+        pass
+
+
+@attrs.define
+class World:
+    clock: Clock
+    store: Store
+    core: RelayCore
+    config: ServerConfig
+    site: Any
+    tmp: Path
+
+    @property
+    def admin(self) -> AdminSite:
+        return self.site.admin  # type: ignore[no-any-return]
+
+    def client(self, address: str = "192.0.2.10") -> Client:
+        return Client(self.site, address)
+
+    def logged_in(self, address: str = "192.0.2.10") -> Client:
+        c = self.client(address)
+        reply = c.login()
+        assert reply.status == 303, reply
+        return c
+
+    def snapshot(self) -> tuple[Any, ...]:
+        return (
+            [(d.name, d.uid) for d in self.store.list_domains()],
+            [(a.name, a.domain, a.role, a.password_hash) for a in self.store.list_accounts()],
+            [(e.encoder_id, e.name, e.domain, e.secret_hash) for e in self.store.list_encoders()],
+            [e.id for e in self.store.list_audit(1000)],
+        )
+
+
+def build_world(tmp: Path, **config: Any) -> World:
+    clock = Clock()
+    clock.advance(T0)
+    store = Store(tmp / "evserver.sqlite3", clock=clock.seconds, password_hasher=fast_hash)
+    core = RelayCore(clock, "srv-1", store, lambda: (), Limits())
+    cfg = ServerConfig(data_dir=tmp, server_id="srv-1", **config)
+    site = make_admin_site(store, core, cfg, clock, T0 - 3725,
+                           defer_to_thread=sync_thread, password_hasher=fast_hash)
+    return World(clock, store, core, cfg, site, tmp)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    w = build_world(tmp_path)
+    w.store.add_domain("ops")
+    w.store.add_account("ops", "root", ADMIN_PASSWORD, "admin")
+    yield w
+    w.store.close()
+
+
+@pytest.fixture
+def client(world: World) -> Client:
+    return world.logged_in()
+
+
+# -- every route needs a session and (to change anything) its CSRF token --------------
+
+SAMPLES = {"servers": "srv-1", "domains": "ops", "accounts": "root", "encoders": "cam-1"}
+
+
+def route_paths(site: AdminSite, public: bool = False) -> list[tuple[str, str]]:
+    out = []
+    for route in site.routes:
+        if route.public != public:
+            continue
+        parts, previous = [], ""
+        for part in route.pattern:
+            parts.append(SAMPLES.get(previous, "x") if part == "*" else part)
+            previous = part
+        out.append((route.method.decode(), "/" + "/".join(parts)))
+    return out
+
+
+def test_route_table_covers_the_pages_and_the_api(world: World) -> None:
+    paths = route_paths(world.admin)
+    assert len(paths) >= 40
+    for expected in [("GET", "/"), ("GET", "/settings"), ("GET", "/servers/srv-1"),
+                     ("GET", "/audit"), ("GET", "/api/servers"), ("POST", "/api/domains"),
+                     ("DELETE", "/api/encoders/cam-1"), ("PATCH", "/api/accounts/root")]:
+        assert expected in paths
+    assert sorted(route_paths(world.admin, public=True)) == [
+        ("GET", "/favicon.ico"), ("GET", "/login"), ("GET", "/static/x"), ("POST", "/api/login"),
+        ("POST", "/login")]
+
+
+@pytest.mark.parametrize("cookie", [None, "forged-session-id", ""])
+def test_every_page_and_api_call_refuses_without_a_session(world: World, cookie: str | None
+                                                           ) -> None:
+    c = world.client()
+    if cookie is not None:
+        c.cookies[SESSION_COOKIE] = cookie
+    before = world.snapshot()
+    for method, path in route_paths(world.admin):
+        if path.startswith("/api/"):
+            reply = c.api(method, path, {"name": "x"})
+            assert reply.status == 401, (method, path)
+            assert "login" in reply.json()["error"]
+        else:
+            reply = c.post_form(path, {"name": "x"}) if method == "POST" else c.get(path)
+            assert reply.status == 303, (method, path)
+            assert reply.location is not None and reply.location.startswith("/login")
+            assert "<h1>" not in reply.text
+    assert world.snapshot() == before
+
+
+def test_unknown_paths_need_a_session_too(world: World) -> None:
+    c = world.client()
+    assert c.get("/no/such/page").status == 303
+    assert c.api("GET", "/api/nothing").status == 401
+    logged = world.logged_in()
+    assert logged.get("/no/such/page").status == 404
+    assert logged.api("GET", "/api/nothing").status == 404
+
+
+def test_redirect_to_login_remembers_the_page(world: World) -> None:
+    c = world.client()
+    reply = c.get("/domains/ops")
+    assert reply.location == "/login?next=/domains/ops"
+    reply = c.login(next_path="/domains/ops")
+    assert reply.status == 303 and reply.location == "/domains/ops"
+
+
+@pytest.mark.parametrize("evil", ["//evil.example/", "https://evil.example/", "/\\evil",
+                                  "javascript:alert(1)", "/ok\r\nSet-Cookie: x=1"])
+def test_login_never_redirects_off_site(world: World, evil: str) -> None:
+    c = world.client()
+    page = c.get("/login")
+    reply = c.post_form("/login", {"csrf": hidden(page.text, "csrf"), "name": "root",
+                                   "password": ADMIN_PASSWORD, "next": evil}, csrf=False)
+    assert reply.status == 303 and reply.location == "/"
+
+
+@pytest.mark.parametrize("token", [None, "", "wrong-token"])
+def test_every_change_refuses_without_its_csrf_token(world: World, token: str | None) -> None:
+    c = world.logged_in()
+    world.store.add_encoder("ops", "cam-1")
+    world.store.add_account("ops", "viewer1", "pw", "viewer")
+    good = c.csrf
+    before = world.snapshot()
+    for method, path in route_paths(world.admin):
+        if method == "GET":
+            continue
+        c.csrf = token
+        if path.startswith("/api/"):
+            reply = c.api(method, path, {"name": "x"}, csrf=token is not None)
+            assert reply.status == 403, (method, path, reply)
+            assert "CSRF" in reply.json()["error"]
+        else:
+            reply = c.post_form(path, {"name": "x", "password": "p", "role": "viewer"},
+                                csrf=token is not None)
+            assert reply.status == 403, (method, path)
+            assert "CSRF token" in reply.text
+    assert world.snapshot() == before
+    c.csrf = good
+    assert c.get("/").status == 200  # the session itself is still good
+
+
+def test_two_login_tabs_share_one_token(world: World) -> None:
+    c = world.client()
+    first = hidden(c.get("/login").text, "csrf")
+    second = hidden(c.get("/login?next=/favicon.ico").text, "csrf")
+    assert first == second
+    reply = c.post_form("/login", {"csrf": first, "name": "root", "password": ADMIN_PASSWORD},
+                        csrf=False)
+    assert reply.status == 303
+    assert hidden(world.client().get("/login").text, "csrf") != first
+
+
+def test_login_form_needs_its_own_token(world: World) -> None:
+    c = world.client()
+    c.get("/login")
+    reply = c.post_form("/login", {"name": "root", "password": ADMIN_PASSWORD}, csrf=False)
+    assert reply.status == 403 and "expired" in reply.text
+    reply = c.post_form("/login", {"csrf": "guess", "name": "root",
+                                   "password": ADMIN_PASSWORD}, csrf=False)
+    assert reply.status == 403
+    assert SESSION_COOKIE not in c.cookies
+
+
+# -- login, cookies, logout, expiry ---------------------------------------------------
+
+
+def test_login_sets_a_strict_secure_session_cookie(world: World) -> None:
+    c = world.client()
+    page = c.get("/login")
+    login_cookie = next(h for h in page.headers["set-cookie"] if h.startswith(LOGIN_COOKIE))
+    assert "Secure" in login_cookie and "HttpOnly" in login_cookie
+    reply = c.post_form("/login", {"csrf": hidden(page.text, "csrf"), "name": "root",
+                                   "password": ADMIN_PASSWORD}, csrf=False)
+    assert reply.status == 303 and reply.location == "/"
+    cookie = next(h for h in reply.headers["set-cookie"] if h.startswith(SESSION_COOKIE + "="))
+    attributes = [a.strip() for a in cookie.split(";")]
+    assert {"Secure", "HttpOnly", "SameSite=strict", "Path=/"} <= set(attributes)
+    assert not any(a.lower().startswith("domain") for a in attributes)
+    session_id = attributes[0].split("=", 1)[1]
+    assert len(session_id) == 43  # 32 random bytes, url-safe base64
+    assert c.get("/").status == 200
+    assert world.store.list_audit()[0].action == "login"
+
+
+def test_session_ids_and_csrf_tokens_are_unique(world: World) -> None:
+    clients = [world.logged_in() for _ in range(5)]
+    ids = {c.cookies[SESSION_COOKIE] for c in clients}
+    tokens = {c.csrf for c in clients}
+    assert len(ids) == len(tokens) == 5
+
+
+@pytest.mark.parametrize(("name", "password", "status", "message"), [
+    ("root", "wrong", 401, "Wrong account name or password."),
+    ("nobody", ADMIN_PASSWORD, 401, "Wrong account name or password."),
+    ("", ADMIN_PASSWORD, 400, "Give an account name and a password."),
+    ("viewer1", "viewer-pw", 403, "is not an administrator"),
+])
+def test_refused_logins(world: World, name: str, password: str, status: int,
+                        message: str) -> None:
+    world.store.add_account("ops", "viewer1", "viewer-pw", "viewer")
+    c = world.client()
+    reply = c.login(name, password)
+    assert reply.status == status
+    assert message in unescape(reply.text)
+    assert SESSION_COOKIE not in c.cookies
+    assert c.get("/").status == 303
+
+
+def test_logout_ends_the_session(world: World) -> None:
+    c = world.logged_in()
+    stolen = c.cookies[SESSION_COOKIE]
+    reply = c.post_form("/logout")
+    assert reply.status == 303 and reply.location == "/login?bye=1"
+    assert SESSION_COOKIE not in c.cookies
+    assert "You are logged out." in c.get("/login?bye=1").text
+    c.cookies[SESSION_COOKIE] = stolen
+    assert c.get("/").status == 303
+    assert [e.action for e in world.store.list_audit()][:2] == ["logout", "login"]
+
+
+def test_api_login_session_and_logout(world: World) -> None:
+    c = world.client()
+    reply = c.api("POST", "/api/login", {"name": "root", "password": ADMIN_PASSWORD})
+    assert reply.status == 200
+    c.csrf = reply.json()["csrf_token"]
+    session = c.api("GET", "/api/session").json()
+    assert session["account"] == "root" and session["csrf_token"] == c.csrf
+    assert c.api("POST", "/api/logout").status == 200
+    assert c.api("GET", "/api/session").status == 401
+
+
+def test_api_login_needs_json(world: World) -> None:
+    c = world.client()
+    reply = c.api("POST", "/api/login", raw=b"name=root&password=x",
+                  content_type="application/x-www-form-urlencoded")
+    assert reply.status == 415
+    reply = c.api("POST", "/api/login", {"name": "root"})
+    assert reply.status == 400 and reply.json()["field"] == "password"
+
+
+def test_idle_sessions_expire(world: World) -> None:
+    c = world.logged_in()
+    idle = world.admin.sessions.idle_timeout
+    world.clock.advance(idle - 1)
+    assert c.get("/").status == 200  # activity restarts the idle timer
+    world.clock.advance(idle - 1)
+    assert c.get("/").status == 200
+    world.clock.advance(idle + 1)
+    assert c.get("/").status == 303
+    assert c.api("GET", "/api/server").status == 401
+    assert len(world.admin.sessions) == 0
+
+
+def test_sessions_end_after_their_maximum_age_even_when_busy(world: World) -> None:
+    c = world.logged_in()
+    sessions = world.admin.sessions
+    steps = int(sessions.max_age // (sessions.idle_timeout / 2)) + 1
+    for _ in range(steps):
+        world.clock.advance(sessions.idle_timeout / 2)
+        c.get("/api/server")
+    assert c.get("/").status == 303
+
+
+def test_session_ends_when_its_account_changes_behind_its_back(world: World) -> None:
+    world.store.add_account("ops", "second", "pw-second", "admin")
+    c1 = world.logged_in()
+    c2 = world.client("192.0.2.11")
+    assert c2.login("second", "pw-second").status == 303
+    world.store.set_password("root", "changed elsewhere")
+    assert c1.get("/").status == 303
+    world.store.set_role("second", "viewer")
+    assert c2.get("/").status == 303
+
+
+# -- rate limiting --------------------------------------------------------------------
+
+
+def test_five_failures_per_minute_lock_out_the_address(world: World) -> None:
+    c = world.client("198.51.100.7")
+    for i in range(5):
+        assert c.login(f"guess{i}", "nope").status == 401
+    reply = c.login("root", ADMIN_PASSWORD)  # even the right password
+    assert reply.status == 429
+    assert "Too many failed logins from your address" in reply.text
+    assert int(reply.header("retry-after") or 0) > 0
+    assert SESSION_COOKIE not in c.cookies
+    # Another address is not affected.
+    assert world.client("198.51.100.8").login().status == 303
+    world.clock.advance(60)
+    assert c.login().status == 303
+
+
+def test_five_failures_per_minute_lock_out_the_account_name(world: World) -> None:
+    for i in range(5):
+        assert world.client(f"203.0.113.{i}").login("root", "nope").status == 401
+    reply = world.client("203.0.113.99").login("ROOT", ADMIN_PASSWORD)
+    assert reply.status == 429 and "for this account name" in reply.text
+    api = world.client("203.0.113.98").api(
+        "POST", "/api/login", {"name": "root", "password": ADMIN_PASSWORD})
+    assert api.status == 429 and api.json()["retry_after"] > 0
+    world.clock.advance(61)
+    assert world.client("203.0.113.99").login().status == 303
+
+
+def test_limiter_memory_is_bounded(world: World) -> None:
+    limiter = world.admin.limiter
+    limiter.max_keys = 50
+    for i in range(200):
+        limiter.failed(f"10.0.{i // 256}.{i % 256}", f"name{i}")
+    assert len(limiter._failures) <= 50
+
+
+# -- pages ----------------------------------------------------------------------------
+
+
+def test_homepage_shows_this_servers_state(world: World, client: Client) -> None:
+    world.core.encoder_connected("cam-1", "Cam", "ops", FakeLink())
+    page = client.get("/").text
+    for text in ("srv-1", __version__, "1 h 2 min", "127.0.0.1", "tcp:5510", "tcp:9443",
+                 'data-live-key="load.encoders_online">1<',
+                 "The external address is 127.0.0.1"):
+        assert text in page, text
+    foot = page.split("<footer>")[1]
+    assert '<a href="/settings">All server settings</a>' in foot
+
+
+def test_homepage_warns_when_tls_is_off_and_no_admin_exists(tmp_path: Path) -> None:
+    w = build_world(tmp_path, tls=False, external_host="relay.example.net")
+    view = w.admin.view
+    warnings = view.warnings()
+    assert any("TLS is disabled" in x for x in warnings)
+    assert any("No administrator account" in x for x in warnings)
+    assert not any("external address" in x for x in warnings)
+
+
+def test_login_page_explains_the_first_admin_account(tmp_path: Path) -> None:
+    w = build_world(tmp_path)
+    page = unescape(w.client().get("/login").text)
+    assert "No administrator account exists yet." in page
+    assert f"evserver-ctl --data {tmp_path} account add --admin --domain DOMAIN NAME" in page
+    w.store.add_domain("ops")
+    w.store.add_account("ops", "root", ADMIN_PASSWORD, "admin")
+    assert "No administrator account" not in w.client().get("/login").text
+
+
+def test_settings_page_lists_every_setting_and_says_standalone(world: World,
+                                                               client: Client) -> None:
+    page = client.get("/settings").text
+    for field in attrs.fields(ServerConfig):
+        assert f"<code>{field.name}</code>" in page
+    assert ("This server is standalone: multi-site resilience (clustering) is not available "
+            "in this version.") in page
+    assert "<button" not in page.split('id="multi-site"')[1]
+
+
+def test_settings_page_shows_the_certificate(world: World, client: Client) -> None:
+    _cert_path, _ = tls.ensure_server_certificate(world.tmp, ["localhost"])
+    page = client.get("/settings").text
+    assert "SHA-256 fingerprint" in page and "localhost" in page and "self-signed" in page
+
+
+def connect_encoder_and_viewer(world: World) -> None:
+    world.store.add_encoder("ops", "cam-1", "Front door")
+    world.store.add_encoder("ops", "cam-2")
+    session = world.core.encoder_connected("cam-1", "Front door", "ops", FakeLink())
+    viewer = world.core.viewer_connected("alice", "ops", FakeLink())
+    viewer.attach_relay(object(), FakeSink())
+    viewer.watch(1, "cam-1")
+    session.media(True, b"k" * 1000)
+    session.media(False, b"d" * 500)
+
+
+def test_this_server_page_lists_connected_encoders_and_viewers(world: World,
+                                                               client: Client) -> None:
+    connect_encoder_and_viewer(world)
+    page = client.get("/servers/srv-1").text
+    assert '<a href="/encoders/cam-1">cam-1</a>' in page
+    assert "Front door" in page and "streaming" in page and "1.5 KiB" in page
+    assert '<a href="/accounts/alice">alice</a>' in page
+    assert "cam-2" not in page  # offline: not connected here
+    assert client.get("/servers/other").status == 404
+
+
+def test_api_reports_server_load_encoders_and_viewers(world: World, client: Client) -> None:
+    connect_encoder_and_viewer(world)
+    server = client.api("GET", "/api/server").json()
+    assert server["server_id"] == "srv-1" and server["version"] == __version__
+    assert server["load"] == {"encoders_online": 1, "encoders_streaming": 1, "viewers": 1,
+                              "channels": 1}
+    assert server["uptime"] == pytest.approx(3725)
+    assert server["cluster"] == {"enabled": False, "servers": 1}
+    servers = client.api("GET", "/api/servers").json()["servers"]
+    assert [(s["server_id"], s["state"], s["address"]) for s in servers] == [
+        ("srv-1", "alive", "127.0.0.1")]
+    encoders = {e["encoder_id"]: e for e in client.api("GET", "/api/encoders").json()["encoders"]}
+    assert encoders["cam-1"]["state"] == "streaming"
+    assert encoders["cam-1"]["frames_in"] == 2 and encoders["cam-1"]["bytes_in"] == 1500
+    assert encoders["cam-1"]["server_id"] == "srv-1" and encoders["cam-1"]["viewers"] == 1
+    assert encoders["cam-2"]["state"] == "offline" and encoders["cam-2"]["server_id"] is None
+    connected = client.api("GET", "/api/encoders?connected=1").json()["encoders"]
+    assert [e["encoder_id"] for e in connected] == ["cam-1"]
+    viewers = client.api("GET", "/api/viewers").json()["viewers"]
+    assert viewers[0]["account"] == "alice" and viewers[0]["watching"] == ["cam-1"]
+    assert viewers[0]["frames_out"] >= 1
+    assert client.api("GET", "/api/encoders/cam-1").json()["encoder"]["state"] == "streaming"
+    assert client.api("GET", "/api/encoders/nope").status == 404
+
+
+def test_pages_render_for_every_record(world: World, client: Client) -> None:
+    world.store.add_encoder("ops", "cam-1", "Front door")
+    for path in ("/", "/settings", "/servers/srv-1", "/domains", "/domains/ops", "/accounts",
+                 "/accounts/root", "/encoders", "/encoders/cam-1", "/audit"):
+        reply = client.get(path)
+        assert reply.status == 200, path
+        assert reply.header("content-type") == "text/html; charset=utf-8"
+        assert reply.text.startswith("<!DOCTYPE html>")
+        assert "<h1>" in reply.text
+    for path in ("/domains/none", "/accounts/none", "/encoders/none"):
+        assert client.get(path).status == 404
+
+
+def test_every_response_carries_the_security_headers(world: World, client: Client) -> None:
+    for reply in (client.get("/"), client.api("GET", "/api/server"), world.client().get("/"),
+                  world.client().get("/login")):
+        csp = reply.header("content-security-policy") or ""
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert reply.header("x-content-type-options") == "nosniff"
+        assert reply.header("cache-control") == "no-store"
+        assert reply.header("strict-transport-security") is None
+
+
+def test_static_files_need_no_login(world: World) -> None:
+    c = world.client()
+    css = c.get("/static/style.css")
+    assert css.status == 200 and css.header("content-type", ) == "text/css; charset=utf-8"
+    js = c.get("/static/live.js")
+    assert js.status == 200 and b"/api/" not in js.body[:0] and b"innerHTML =" not in js.body
+    assert c.get("/static/../site.py").status in (303, 404)
+    assert c.get("/static/secret.txt").status == 404
+
+
+def test_wrong_method_is_405(client: Client) -> None:
+    reply = client.api("PUT", "/api/domains", {"name": "x"})
+    assert reply.status == 405 and reply.header("allow") == "GET, POST"
+
+
+def test_oversized_and_malformed_bodies(world: World, client: Client) -> None:
+    before = world.snapshot()
+    big = json.dumps({"name": "x" * (MAX_BODY_BYTES + 10)}).encode()
+    assert client.api("POST", "/api/domains", raw=big).status == 413
+    assert client.api("POST", "/api/domains", raw=b"{not json").status == 400
+    assert client.api("POST", "/api/domains", raw=b"[1, 2]").status == 400
+    assert client.api("POST", "/api/domains", raw=b"\xff\xfe").status == 400
+    reply = client.api("POST", "/api/domains", {"name": "x", "colour": "red"})
+    assert reply.status == 400 and reply.json()["field"] == "colour"
+    reply = client.request("POST", "/domains", b"csrf=" + client.csrf.encode() + b"&name=%ff",
+                           {"Content-Type": "application/x-www-form-urlencoded"})
+    assert reply.status == 400
+    assert world.snapshot() == before
+
+
+# -- changes through the pages -------------------------------------------------------
+
+
+def test_domain_create_and_delete_through_the_pages(world: World, client: Client) -> None:
+    reply = client.post_form("/domains", {"name": "west"})
+    assert reply.status == 303 and reply.location == "/domains"
+    page = client.get("/domains").text
+    assert "Domain &#x27;west&#x27; created." in page or "Domain 'west' created." in page
+    assert world.store.get_domain("west") is not None
+    reply = client.post_form("/domains", {"name": "west"})
+    assert reply.status == 409
+    assert 'id="name-error"' in reply.text and "exists already" in reply.text
+    reply = client.post_form("/domains/ops/delete")
+    assert reply.status == 409 and "delete them first" in reply.text
+    reply = client.post_form("/domains/west/delete")
+    assert reply.status == 303 and world.store.get_domain("west") is None
+
+
+def test_form_errors_appear_next_to_their_fields_and_keep_the_input(world: World,
+                                                                    client: Client) -> None:
+    reply = client.post_form("/accounts", {"name": " bad name ", "domain": "nowhere",
+                                           "password": "", "role": "boss"})
+    assert reply.status == 400
+    page = reply.text
+    for field, message in (("name", "leading or trailing spaces"),
+                           ("domain", "no domain named"),
+                           ("password", "must not be empty"),
+                           ("role", "is invalid")):
+        block = page.split(f'id="f-{field}"')[1].split('class="field')[0]
+        assert f'id="{field}-error"' in block, field
+        assert message in unescape(block), field
+    assert 'value=" bad name "' in page
+    assert world.store.get_account(" bad name ") is None
+
+
+def test_account_create_edit_delete_through_the_pages(world: World, client: Client) -> None:
+    reply = client.post_form("/accounts", {"name": "alice", "domain": "ops",
+                                           "password": "alice-pw", "role": "viewer"})
+    assert reply.status == 303
+    assert world.store.get_account("alice").role == "viewer"  # type: ignore[union-attr]
+    assert client.post_form("/accounts/alice/role", {"role": "admin"}).status == 303
+    alice = world.client("192.0.2.50")
+    assert alice.login("alice", "alice-pw").status == 303
+    assert client.post_form("/accounts/alice/password", {"password": "new-pw"}).status == 303
+    assert alice.get("/").status == 303  # her session ended with the old password
+    assert world.client().login("alice", "new-pw").status == 303
+    reply = client.post_form("/accounts/alice/password", {"password": ""})
+    assert reply.status == 400 and 'id="password-error"' in reply.text
+    assert client.post_form("/accounts/alice/delete").status == 303
+    assert world.store.get_account("alice") is None
+    assert client.post_form("/accounts/alice/delete").status == 404
+
+
+def test_an_admin_cannot_lock_themselves_out(world: World, client: Client) -> None:
+    reply = client.post_form("/accounts/root/delete")
+    assert reply.status == 409 and "logged in with" in reply.text
+    reply = client.post_form("/accounts/root/role", {"role": "viewer"})
+    assert reply.status == 409 and "your own role" in reply.text
+    world.store.add_account("ops", "other", "pw", "viewer")
+    world.store.set_role("other", "admin")
+    assert client.post_form("/accounts/other/role", {"role": "viewer"}).status == 303
+    assert world.store.get_account("root").role == "admin"  # type: ignore[union-attr]
+
+
+def test_last_admin_cannot_be_deleted_or_demoted_by_the_api(world: World) -> None:
+    world.store.add_account("ops", "second", "pw-second", "admin")
+    c = world.client()
+    assert c.login("second", "pw-second").status == 303
+    assert c.api("DELETE", "/api/accounts/root").status == 200
+    world.store.add_account("ops", "third", "pw-third", "admin")
+    c3 = world.client("192.0.2.3")
+    assert c3.login("third", "pw-third").status == 303
+    assert c3.api("PATCH", "/api/accounts/second", {"role": "viewer"}).status == 200
+    world.store.delete_account("third")  # now "second" is viewer, nobody else admin...
+    world.store.set_role("second", "admin")
+    c2 = world.client("192.0.2.2")
+    assert c2.login("second", "pw-second").status == 303
+    reply = c2.api("DELETE", "/api/accounts/second")
+    assert reply.status == 409
+
+
+def test_encoder_secret_is_shown_once(world: World, client: Client) -> None:
+    reply = client.post_form("/encoders", {"encoder_id": "cam-9", "name": "", "domain": "ops"})
+    assert reply.status == 200
+    secret = re.search(r'<code class="secret" id="secret">([^<]+)</code>', reply.text)
+    assert secret is not None
+    assert world.store.verify_encoder("cam-9", unescape(secret.group(1))) is not None
+    assert world.store.get_encoder("cam-9").name == "cam-9"  # type: ignore[union-attr]
+    assert secret.group(1) not in client.get("/encoders/cam-9").text
+    assert secret.group(1) not in client.get("/encoders").text
+    reply = client.post_form("/encoders/cam-9/secret")
+    fresh = re.search(r'<code class="secret" id="secret">([^<]+)</code>', reply.text)
+    assert fresh is not None and fresh.group(1) != secret.group(1)
+    assert world.store.verify_encoder("cam-9", unescape(secret.group(1))) is None
+    assert world.store.verify_encoder("cam-9", unescape(fresh.group(1))) is not None
+
+
+def test_encoder_rename_and_delete_through_the_pages(world: World, client: Client) -> None:
+    world.store.add_encoder("ops", "cam-1")
+    assert client.post_form("/encoders/cam-1/name", {"name": "Gate"}).status == 303
+    assert world.store.get_encoder("cam-1").name == "Gate"  # type: ignore[union-attr]
+    reply = client.post_form("/encoders/cam-1/name", {"name": "x" * 65})
+    assert reply.status == 400 and 'id="name-error"' in reply.text
+    assert 'value="' + "x" * 65 + '"' in reply.text
+    assert client.post_form("/encoders/cam-1/delete").status == 303
+    assert world.store.get_encoder("cam-1") is None
+
+
+# -- escaping -------------------------------------------------------------------------
+
+class Markup(HTMLParser):
+    """What a browser would build: elements with attributes, and text."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, list[tuple[str, str]]]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, [(k, v or "") for k, v in attrs]))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+    @classmethod
+    def parse(cls, html: str) -> Markup:
+        parser = cls()
+        parser.feed(html)
+        parser.close()
+        return parser
+
+
+OUR_TAGS = {"html", "head", "meta", "title", "link", "script", "body", "header", "div", "a",
+            "span", "code", "nav", "ul", "li", "form", "input", "button", "main", "h1", "h2",
+            "p", "section", "dl", "dt", "dd", "table", "thead", "tbody", "tr", "th", "td",
+            "footer", "label", "select", "option", "small", "strong", "pre", "caption"}
+
+
+def assert_inert(html: str, payload: str, shown: bool = True) -> None:
+    """``payload`` made no element and no attribute: it is only text or an attribute value."""
+    markup = Markup.parse(html)
+    for tag, attributes in markup.tags:
+        assert tag in OUR_TAGS, tag
+        for name, _value in attributes:
+            assert not name.startswith("on"), (tag, name)
+            assert name in {"charset", "name", "content", "rel", "href", "src", "defer",
+                            "lang", "class", "id", "method", "action", "type", "value",
+                            "aria-label", "aria-current", "scope", "data-key", "data-format",
+                            "data-link", "data-live-src", "data-live-key", "data-live-list",
+                            "data-live-items", "data-empty", "data-confirm", "hidden", "for",
+                            "required", "autocomplete", "selected", "role", "aria-invalid",
+                            "aria-describedby"}, (tag, name)
+        if tag == "script":
+            assert attributes == [("src", "/static/live.js"), ("defer", "defer")]
+    if shown:
+        assert payload in "".join(markup.text) or any(
+            payload in v for _t, a in markup.tags for _k, v in a)
+
+
+NASTY = [
+    "<script>alert(1)</script>",
+    '"><img src=x onerror=alert(1)>',
+    "' onmouseover='alert(1)",
+    "&amp; </textarea><b>",
+]
+
+
+@pytest.mark.parametrize("nasty", NASTY)
+def test_every_output_is_escaped(world: World, client: Client, nasty: str) -> None:
+    assert client.api("POST", "/api/domains", {"name": nasty}).status == 201
+    assert client.api("POST", "/api/accounts", {"name": nasty, "domain": nasty,
+                                                "password": "pw"}).status == 201
+    assert client.api("POST", "/api/encoders", {"encoder_id": "cam-x", "domain": nasty,
+                                                "name": nasty}).status == 201
+    world.core.encoder_connected("cam-x", nasty, nasty, FakeLink())
+    world.core.viewer_connected(nasty, nasty, FakeLink())
+    pages = ["/", "/domains", "/domains/" + quote(nasty, safe=""), "/accounts",
+             "/accounts/" + quote(nasty, safe=""), "/encoders", "/encoders/cam-x",
+             "/servers/srv-1", "/audit"]
+    for path in pages:
+        reply = client.get(path)
+        assert reply.status == 200, path
+        assert_inert(reply.text, nasty, shown=path != "/")
+    # A failed form echoes the input, escaped, in an attribute.
+    reply = client.post_form("/domains", {"name": nasty})
+    assert reply.status == 409
+    assert_inert(reply.text, nasty)
+    assert any(v == nasty for _t, attrs_ in Markup.parse(reply.text).tags for _k, v in attrs_)
+    # JSON carries the raw text (JSON escaping, served as application/json).
+    names = [d["name"] for d in client.api("GET", "/api/domains").json()["domains"]]
+    assert nasty in names
+
+
+def test_the_script_domain_is_escaped_in_html(world: World, client: Client) -> None:
+    assert client.post_form("/domains", {"name": "<script>alert(1)</script>"}).status == 303
+    page = client.get("/domains").text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>alert(1)</script>" not in page
+    assert_inert(page, "<script>alert(1)</script>")
+
+
+# -- audit log ----------------------------------------------------------------------
+
+
+def test_every_change_writes_an_audit_row(world: World, client: Client) -> None:
+    steps = [
+        (lambda: client.post_form("/domains", {"name": "d1"}), "domain.create", "d1"),
+        (lambda: client.api("POST", "/api/domains", {"name": "d2"}), "domain.create", "d2"),
+        (lambda: client.post_form("/accounts", {"name": "a1", "domain": "d1",
+                                                "password": "pw", "role": "viewer"}),
+         "account.create", "a1"),
+        (lambda: client.api("PATCH", "/api/accounts/a1", {"password": "pw2"}),
+         "account.password", "a1"),
+        (lambda: client.post_form("/accounts/a1/role", {"role": "admin"}), "account.role", "a1"),
+        (lambda: client.post_form("/encoders", {"encoder_id": "e1", "domain": "d1"}),
+         "encoder.create", "e1"),
+        (lambda: client.api("PATCH", "/api/encoders/e1", {"name": "E one"}),
+         "encoder.rename", "e1"),
+        (lambda: client.api("POST", "/api/encoders/e1/secret"), "encoder.secret", "e1"),
+        (lambda: client.api("DELETE", "/api/encoders/e1"), "encoder.delete", "e1"),
+        (lambda: client.api("DELETE", "/api/accounts/a1"), "account.delete", "a1"),
+        (lambda: client.post_form("/domains/d1/delete"), "domain.delete", "d1"),
+        (lambda: client.api("DELETE", "/api/domains/d2"), "domain.delete", "d2"),
+    ]
+    for step, action, target in steps:
+        world.clock.advance(1)
+        before = len(world.store.list_audit(1000))
+        reply = step()
+        assert reply.status in (200, 201, 303), (action, reply)
+        entries = world.store.list_audit(1000)
+        assert len(entries) == before + 1, action
+        newest = entries[0]
+        assert (newest.actor, newest.server_id, newest.action, newest.target) == (
+            "root", "srv-1", action, target)
+        assert newest.at == world.clock.seconds()
+        assert "pw" not in newest.detail
+    # Refused changes write nothing.
+    before = len(world.store.list_audit(1000))
+    assert client.api("POST", "/api/domains", {"name": ""}).status == 400
+    assert client.post_form("/domains/ops/delete").status == 409
+    assert len(world.store.list_audit(1000)) == before
+    page = client.get("/audit").text
+    assert "encoder.secret" in page and "srv-1" in page
+    api = client.api("GET", "/api/audit?limit=3").json()["entries"]
+    assert [e["action"] for e in api] == ["domain.delete", "domain.delete", "account.delete"]
+    assert client.api("GET", "/api/audit?limit=0").status == 400
+    assert client.api("GET", "/api/audit?limit=abc").status == 400
+
+
+# -- Hypothesis: every input either lands or is refused with a message ---------------------
+
+json_values = st.one_of(
+    st.text(max_size=80),
+    st.text(alphabet=st.characters(codec="utf-8"), min_size=60, max_size=70),
+    st.sampled_from(["", " ", "ops", "root", "a b", " x", "x ", "\t", "é", "-", "..", "a/b"]),
+    st.integers(), st.none(), st.booleans(), st.lists(st.text(max_size=3), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=1),
+)
+
+
+#: Mostly acceptable values, so that the accepted path is exercised as much as the refusals.
+good_names = st.one_of(
+    st.text(st.characters(categories=("L", "N", "S")), min_size=1, max_size=64),
+    st.from_regex(r"[A-Za-z0-9<>&'\"][A-Za-z0-9 <>&'\"._-]{0,30}[A-Za-z0-9._-]", fullmatch=True),
+)
+good_passwords = st.text(min_size=1, max_size=40)
+
+
+def _api_case(world: World, client: Client, path: str, body: dict[str, Any],
+              key: str, listed: Any) -> None:
+    before = world.snapshot()
+    reply = client.api("POST", path, body)
+    event(f"status {reply.status}")
+    assert reply.status in (201, 400, 404, 409), (body, reply)
+    data = reply.json()
+    if reply.status == 201:
+        assert listed(data) in [x[key] for x in client.api("GET", path).json()[path[5:]]]
+    else:
+        assert isinstance(data["error"], str) and data["error"], data
+        assert world.snapshot() == before, body
+
+
+HYPOTHESIS = settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@HYPOTHESIS
+@given(name=st.one_of(good_names, json_values))
+def test_api_domains_validate_every_name(world: World, client: Client, name: Any) -> None:
+    _api_case(world, client, "/api/domains", {"name": name}, "name",
+              lambda d: d["domain"]["name"])
+
+
+@HYPOTHESIS
+@given(name=st.one_of(good_names, good_names, json_values),
+       domain=st.one_of(st.just("ops"), st.just("ops"), json_values),
+       password=st.one_of(good_passwords, good_passwords, json_values),
+       role=st.one_of(st.sampled_from(["viewer", "admin"]), json_values))
+def test_api_accounts_validate_every_field(world: World, client: Client, name: Any,
+                                           domain: Any, password: Any, role: Any) -> None:
+    _api_case(world, client, "/api/accounts",
+              {"name": name, "domain": domain, "password": password, "role": role}, "name",
+              lambda d: d["account"]["name"])
+
+
+@HYPOTHESIS
+@given(encoder_id=st.one_of(st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True),
+                            st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True),
+                            json_values),
+       domain=st.one_of(st.just("ops"), st.just("ops"), json_values),
+       name=st.one_of(st.none(), good_names, json_values),
+       secret=st.one_of(st.none(), st.none(), st.from_regex(r"[!-~]{16,40}", fullmatch=True),
+                        st.text(min_size=10, max_size=40), json_values))
+def test_api_encoders_validate_every_field(world: World, client: Client, encoder_id: Any,
+                                           domain: Any, name: Any, secret: Any) -> None:
+    body = {"encoder_id": encoder_id, "domain": domain}
+    if name is not None:
+        body["name"] = name
+    if secret is not None:
+        body["secret"] = secret
+    before = world.snapshot()
+    reply = client.api("POST", "/api/encoders", body)
+    event(f"status {reply.status}")
+    assert reply.status in (201, 400, 409), (body, reply)
+    data = reply.json()
+    if reply.status == 201:
+        listed = client.api("GET", "/api/encoders").json()["encoders"]
+        assert data["encoder"]["encoder_id"] in [e["encoder_id"] for e in listed]
+        assert world.store.verify_encoder(encoder_id, data["secret"]) is not None
+        assert "secret" not in json.dumps(listed)
+    else:
+        assert data["error"]
+        assert world.snapshot() == before
+
+
+@HYPOTHESIS
+@given(path_name=st.text(min_size=1, max_size=20), body=st.dictionaries(
+    st.sampled_from(["name", "password", "role", "other"]), json_values, max_size=3))
+def test_api_edits_and_deletes_never_fail_badly(world: World, client: Client, path_name: str,
+                                                body: dict[str, Any]) -> None:
+    world.store.add_encoder("ops", "cam-1") if world.store.get_encoder("cam-1") is None else None
+    segment = quote(path_name, safe="")
+    for method, path, data in (
+        ("PATCH", f"/api/accounts/{segment}", body),
+        ("PATCH", "/api/accounts/root", body),
+        ("PATCH", f"/api/encoders/{segment}", body),
+        ("PATCH", "/api/encoders/cam-1", body),
+        ("DELETE", f"/api/domains/{segment}", None),
+        ("DELETE", f"/api/encoders/{segment}x", None),
+        ("DELETE", f"/api/accounts/{segment}x", None),
+    ):
+        reply = client.api(method, path, data)
+        assert reply.status in (200, 400, 404, 409), (method, path, data, reply)
+        if reply.status != 200:
+            assert reply.json()["error"]
+    assert client.get("/").status == 200  # the session survived whatever happened
+
+
+# -- certificate reloading ------------------------------------------------------------------
+
+
+class Recorder(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+def served_certificate(creator: Any, ca: Path) -> bytes:
+    """Handshake in memory with ``creator``; return the DER certificate the client saw."""
+    clock = Clock()
+    server_factory = tls.wrap_server_factory(Factory.forProtocol(Recorder), creator, clock)
+    client_factory = tls.wrap_client_factory(
+        Factory.forProtocol(Recorder), tls.client_tls_options("localhost", None, insecure=True),
+        clock)
+    _c, _s, pump = iosim.connectedServerAndClient(
+        lambda: server_factory.buildProtocol(None),
+        lambda: client_factory.buildProtocol(None), clock=clock)
+    client_tls = pump.client
+    client_tls.transport.write(b"x")
+    pump.flush()
+    cert = client_tls.getPeerCertificate()
+    assert cert is not None
+    from OpenSSL import crypto
+
+    return crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+
+
+def der_of(pem_path: Path) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return x509.load_pem_x509_certificate(pem_path.read_bytes()).public_bytes(
+        serialization.Encoding.DER)
+
+
+def test_certificate_is_reloaded_without_a_restart(tmp_path: Path) -> None:
+    cert, key = tls.ensure_server_certificate(tmp_path, ["localhost"])
+    first = der_of(cert)
+    clock = Clock()
+    options = ReloadingTLSOptions(cert, key, clock, check_interval=2.0)
+    assert served_certificate(options, cert) == first
+
+    new_cert, new_key = tls.make_self_signed_certificate(["localhost", "admin.example"])
+    key.write_bytes(new_key)
+    cert.write_bytes(new_cert)
+    assert served_certificate(options, cert) == first  # not looked at again yet
+    clock.advance(2.0)
+    assert served_certificate(options, cert) == der_of(cert) != first
+    assert options.reloads == 1
+
+    # A broken or mismatched replacement is refused; the last good one stays.
+    good = der_of(cert)
+    other_cert, _ = tls.make_self_signed_certificate(["elsewhere"])
+    cert.write_bytes(other_cert)  # does not match the key
+    clock.advance(2.0)
+    assert served_certificate(options, cert) == good
+    cert.write_bytes(b"garbage")
+    clock.advance(2.0)
+    assert served_certificate(options, cert) == good
+    assert options.reloads == 1
+
+
+def test_reloading_options_refuse_a_bad_pair_at_start(tmp_path: Path) -> None:
+    cert, key = tls.ensure_server_certificate(tmp_path, ["localhost"])
+    other_cert, _ = tls.make_self_signed_certificate(["x"])
+    cert.write_bytes(other_cert)
+    with pytest.raises(Exception, match=r"(?i)key|values mismatch|private"):
+        ReloadingTLSOptions(cert, key, Clock())
+
+
+# -- the OpenAPI document matches the API ----------------------------------------------
+
+API_DOC = Path(__file__).resolve().parent.parent / "docs" / "admin-api.yaml"
+
+
+def test_openapi_document_lists_exactly_the_api_routes(world: World) -> None:
+    import yaml  # a test dependency (PyYAML)
+    doc = yaml.safe_load(API_DOC.read_text(encoding="utf-8"))
+    assert doc["openapi"].startswith("3.")
+    documented = {
+        (method.upper(), tuple("*" if p.startswith("{") else p for p in path.strip("/").split("/")))
+        for path, item in doc["paths"].items()
+        for method in item if method != "parameters"
+    }
+    implemented = {(r.method.decode(), r.pattern) for r in world.admin.routes
+                   if r.pattern[:1] == ("api",)}
+    assert documented == implemented
+
+
+def test_openapi_schemas_name_the_fields_the_api_sends(world: World, client: Client) -> None:
+    import yaml  # a test dependency (PyYAML)
+    schemas = yaml.safe_load(API_DOC.read_text(encoding="utf-8"))["components"]["schemas"]
+    connect_encoder_and_viewer(world)
+    client.api("POST", "/api/domains", {"name": "west"})
+
+    def keys(name: str) -> set[str]:
+        return set(schemas[name]["properties"])
+
+    assert set(client.api("GET", "/api/server").json()) == keys("Server")
+    assert set(client.api("GET", "/api/servers").json()["servers"][0]) == keys("ServerSummary")
+    assert set(client.api("GET", "/api/encoders").json()["encoders"][0]) == keys("Encoder")
+    assert set(client.api("GET", "/api/viewers").json()["viewers"][0]) == keys("Viewer")
+    assert set(client.api("GET", "/api/domains").json()["domains"][0]) == keys("Domain")
+    assert set(client.api("GET", "/api/accounts").json()["accounts"][0]) == keys("Account")
+    assert set(client.api("GET", "/api/audit").json()["entries"][0]) == keys("AuditEntry")
+    assert set(client.api("GET", "/api/server").json()["load"]) == keys("Load")
