@@ -33,7 +33,13 @@ from evserver.passwords import hash_password
 from evserver.state.relay import Limits
 from evserver.store import Store
 from evserver.testing import raw
-from evserver.testing.harness import ENCODER_PORT, RELAY_PORT, VIEWER_PORT, MemoryServer
+from evserver.testing.harness import (
+    ENCODER_PORT,
+    RELAY_PORT,
+    VIEWER_PORT,
+    MemoryServer,
+    make_store,
+)
 from evserver.testing.memnet import HIGH_WATER, MemoryNetwork
 from evserver.testing.raw import RawClient
 from evserver.wire import messages as m
@@ -101,17 +107,8 @@ def _cheap_hash(password: str) -> str:
 
 
 def build_store(path: Path, domains: dict[str, dict[str, Any]]) -> tuple[Store, dict[str, str]]:
-    """Like ``harness.make_store``, with cheap password hashes."""
-    store = Store(path, password_hasher=_cheap_hash)
-    secrets: dict[str, str] = {}
-    for domain, content in domains.items():
-        store.add_domain(domain)
-        for name, password in content.get("accounts", {}).items():
-            store.add_account(domain, name, password)
-        for encoder_id in content.get("encoders", ()):
-            _, secret = store.add_encoder(domain, encoder_id, f"Camera {encoder_id}")
-            secrets[encoder_id] = secret
-    return store, secrets
+    """``harness.make_store`` with cheap password hashes."""
+    return make_store(path, domains, password_hasher=_cheap_hash)
 
 
 def dump_store(path: Path) -> str:

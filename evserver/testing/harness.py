@@ -68,12 +68,14 @@ class MemoryServer:
                             **kw)
 
 
-def make_store(path: Path, domains: dict[str, dict[str, Any]]) -> tuple[Store, dict[str, str]]:
+def make_store(path: Path, domains: dict[str, dict[str, Any]],
+               **store_options: Any) -> tuple[Store, dict[str, str]]:
     """A store with domains, accounts and encoders; returns it and the encoder secrets.
 
-    ``domains`` maps a domain name to {"accounts": {name: password}, "encoders": [ids]}.
+    ``domains`` maps a domain name to {"accounts": {name: password}, "encoders": [ids]};
+    ``store_options`` go to ``Store`` (e.g. a cheap ``password_hasher`` for tests).
     """
-    store = Store(path)
+    store = Store(path, **store_options)
     secrets: dict[str, str] = {}
     for domain, content in domains.items():
         store.add_domain(domain)

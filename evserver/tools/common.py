@@ -451,3 +451,23 @@ def read_secret_file(path: str, what: str) -> str:
     if not value:
         raise ToolError(f"the {what} file {path!r} is empty", EXIT_USAGE)
     return value
+
+
+def tool_main(prog: str, build_run: Any, argv: Sequence[str] | None,
+              errors: tuple[type[Exception], ...] = ()) -> int:
+    """The body of a tool's ``main``: build its run from ``argv`` and drive the reactor.
+
+    ``build_run(argv, reactor, out, err)`` returns ``(run, args)``; the
+    exceptions in ``errors`` are reported in one line with exit status 1.
+    """
+    from twisted.internet import reactor
+
+    try:
+        run, args = build_run(argv, reactor, sys.stdout, sys.stderr)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    except errors as e:
+        print_error(prog, str(e))
+        return EXIT_ERROR
+    start_logging(args.verbose)
+    return run_reactor(run, reactor)

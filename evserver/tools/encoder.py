@@ -47,9 +47,8 @@ from evserver.tools.common import (
     positive_float,
     positive_int,
     print_error,
-    run_reactor,
-    start_logging,
     tls_config,
+    tool_main,
 )
 
 PROG = "ev-encoder"
@@ -383,17 +382,7 @@ def build_run(argv: Sequence[str] | None, reactor: Any, out: IO[str], err: IO[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``ev-encoder`` command; returns the exit status."""
-    from twisted.internet import reactor
-
-    try:
-        run, args = build_run(argv, reactor, sys.stdout, sys.stderr)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
-    except (MediaError, ValueError) as e:
-        print_error(PROG, str(e))
-        return EXIT_ERROR
-    start_logging(args.verbose)
-    return run_reactor(run, reactor)
+    return tool_main(PROG, build_run, argv, (MediaError, ValueError))
 
 
 if __name__ == "__main__":

@@ -58,9 +58,8 @@ from evserver.tools.common import (
     positive_int,
     print_error,
     read_secret_file,
-    run_reactor,
-    start_logging,
     tls_config,
+    tool_main,
 )
 from evserver.wire import messages as m
 
@@ -534,17 +533,7 @@ def build_run(argv: Sequence[str] | None, reactor: Any, out: IO[str], err: IO[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``ev-viewer`` command; returns the exit status."""
-    from twisted.internet import reactor
-
-    try:
-        run, args = build_run(argv, reactor, sys.stdout, sys.stderr)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 2
-    except MediaError as e:
-        print_error(PROG, str(e))
-        return EXIT_ERROR
-    start_logging(args.verbose)
-    return run_reactor(run, reactor)
+    return tool_main(PROG, build_run, argv, (MediaError,))
 
 
 if __name__ == "__main__":
