@@ -116,12 +116,14 @@ def provision(data_dir: Path, count: int) -> dict[str, str]:
             store.add_domain(DOMAIN)
         account = store.get_account(ACCOUNT)
         if account is None:
-            store.add_account(DOMAIN, ACCOUNT, PASSWORD)
+            # An administrator too, so the same login opens the admin site.
+            store.add_account(DOMAIN, ACCOUNT, PASSWORD, role="admin")
         elif account.domain != DOMAIN:
             raise StoreError(f"account {ACCOUNT!r} exists in domain {account.domain!r}, "
                              f"not {DOMAIN!r}: use another --data directory")
         else:
             store.set_password(ACCOUNT, PASSWORD)
+            store.set_role(ACCOUNT, "admin")
         for n in range(1, count + 1):
             encoder_id = f"cam{n}"
             record = store.get_encoder(encoder_id)
@@ -406,7 +408,10 @@ class Demo:
         if s.tls:
             lines.append(f"    certificate     {s.ca_path}")
         lines += [
-            f"  domain           {DOMAIN}: account {ACCOUNT}, password {PASSWORD}",
+            f"  domain           {DOMAIN}: account {ACCOUNT}, password {PASSWORD} "
+            f"(an administrator)",
+            f"  admin site       https://{s.address('admin')}/ (log in as {ACCOUNT}; the "
+            f"certificate is the server's own, self-signed)",
             f"  encoders         {', '.join(encoder_ids)} in one ev-encoder (pid "
             f"{self.encoder.pid}): test pattern {width}x{height}, {a.fps:g} fps, "
             f"{a.bitrate / 1e6:g} Mbit/s, streaming while watched; secrets in "
