@@ -23,7 +23,12 @@ from evserver.wire.framing import (
 
 ENC, VIEW, RELAY = ProtocolName.ENCODER, ProtocolName.VIEWER, ProtocolName.RELAY
 CLIENT_PROTOCOLS = (ENC, VIEW, RELAY)
-ALL_CLASSES: list[type] = [*(m.MESSAGES[t] for t in sorted(m.MESSAGES)), m.Media]
+#: The message types of the client protocols; the peer protocol's are tested
+#: in test_wire_peer.py.
+CLIENT_TYPES = {t for p in CLIENT_PROTOCOLS for s in (True, False) for t in m.allowed(p, s)}
+ALL_CLASSES: list[type] = [
+    *(m.MESSAGES[t] for t in sorted(m.MESSAGES) if t in CLIENT_TYPES), m.Media
+]
 
 # --------------------------------------------------------------------------
 # Strategies, built from the wire kinds of each class's fields
@@ -197,6 +202,7 @@ EXPECTED_DIRECTIONS: dict[tuple[ProtocolName, bool], set[str]] = {
         "EncoderUpdate",
         "WatchOk",
         "UnwatchOk",
+        "Redirect",
     },
     (RELAY, False): _COMMON | {"RelayHello", "Media"},
     (RELAY, True): _COMMON | {"RelayOk", "Media"},
@@ -220,7 +226,7 @@ def test_decode_for_refuses_types_not_allowed(where: tuple[ProtocolName, bool]) 
             continue
         with pytest.raises(ProtocolViolation) as info:
             m.decode_for(protocol, from_server, msg_type, body)
-        known = msg_type in samples
+        known = msg_type in m.MESSAGES or msg_type == m.MEDIA
         assert info.value.code is (
             ErrorCode.UNEXPECTED_MESSAGE if known else ErrorCode.MALFORMED
         ), hex(msg_type)

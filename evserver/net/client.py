@@ -34,6 +34,15 @@ CLIENT_MAX_FRAME = 8 * 1024 * 1024
 _MEDIA_PREFIX = struct.Struct("!IBI")
 
 
+class RedirectedTo(Exception):
+    """A Watch was answered with a Redirect: the encoder is hosted by ``server``."""
+
+    def __init__(self, encoder_id: str, server: m.ServerInfo) -> None:
+        super().__init__(f"{encoder_id!r} is hosted by {server.server_id}")
+        self.encoder_id = encoder_id
+        self.server = server
+
+
 class ClientError(Exception):
     """The server refused us (bad credentials, wrong protocol, ...) or cannot be reached."""
 
@@ -189,6 +198,8 @@ class _ReconnectingClient:
         self.connects = 0
         #: Called each time a session is ready (after every (re)connection).
         self.on_session: Callable[[], None] | None = None
+        #: The cluster's servers as last told by the server, by id.
+        self.server_infos: dict[str, m.ServerInfo] = {}
 
     # -- lifecycle -------------------------------------------------------
 
@@ -263,6 +274,7 @@ class _ReconnectingClient:
         self._open_relay()
 
     def _set_servers(self, servers: tuple[m.ServerInfo, ...]) -> None:
+        self.server_infos = {s.server_id: s for s in servers}
         addresses = [Address(s.host, self.port_of(s)) for s in servers]
         if addresses:
             current = self.servers[self._server_index % len(self.servers)]
@@ -530,7 +542,10 @@ class ViewerClient(_ReconnectingClient):
         d.addErrback(self._watch_failed, encoder_id)
         return d
 
-    def _watching(self, reply: m.WatchOk, watched: Watched) -> Watched:
+    def _watching(self, reply: m.WatchOk | m.Redirect, watched: Watched) -> Watched:
+        if isinstance(reply, m.Redirect):
+            self.watched.pop(watched.encoder_id, None)
+            raise RedirectedTo(reply.encoder_id, reply.server)
         watched.stream_id = reply.stream_id
         self._by_stream[reply.stream_id] = watched
         return watched
@@ -603,3 +618,164 @@ class ViewerClient(_ReconnectingClient):
         watched.bytes += len(media.payload)
         if self.on_media is not None:
             self.on_media(watched.encoder_id, media)
+
+
+# --------------------------------------------------------------------------
+# A viewer of a whole cluster
+
+
+class ClusterViewer:
+    """A viewer that follows its encoders across the servers of a cluster.
+
+    A *home* session (to any server; it moves to another on failure) lists
+    the domain's encoders and receives their updates, which name the server
+    hosting each.  Each watched encoder is watched on its hosting server,
+    through one session per server, opened when first needed and kept.
+    When an update says an encoder moved (a failover, a rebalance), the
+    watch moves with it; no action of the user is needed.
+    """
+
+    MAX_REDIRECTS = 3
+
+    def __init__(self, reactor: Any, servers: list[Address], account: str, password: str,
+                 tls: TLSConfig, on_media: Callable[[str, m.Media], None] | None = None,
+                 on_update: Callable[[m.EncoderInfo], None] | None = None,
+                 **client_kwargs: Any) -> None:
+        self.reactor = reactor
+        self.account = account
+        self.password = password
+        self.tls = tls
+        self.on_media = on_media
+        self.on_update = on_update
+        self.client_kwargs = client_kwargs
+        self.home = ViewerClient(reactor, servers, account, password, tls,
+                                 on_media=self._media, on_update=self._update, **client_kwargs)
+        self.home.on_session = self._home_ready
+        #: Sessions to hosting servers, by server id (the home's server among them).
+        self.sessions: dict[str, ViewerClient] = {}
+        self.infos: dict[str, m.EncoderInfo] = {}
+        self.wanted: set[str] = set()
+        #: encoder id -> the server id where it is watched now
+        self.placed: dict[str, str] = {}
+        self._placing: set[str] = set()
+        self.moves = 0
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self) -> Deferred[Any]:
+        return self.home.start()
+
+    def stop(self) -> None:
+        self.home.stop()
+        for session in self.sessions.values():
+            if session is not self.home:
+                session.stop()
+
+    # -- watching --------------------------------------------------------
+
+    def watch(self, encoder_id: str) -> None:
+        """Watch ``encoder_id`` wherever it is, now and after it moves."""
+        self.wanted.add(encoder_id)
+        self._place(encoder_id)
+
+    def unwatch(self, encoder_id: str) -> None:
+        self.wanted.discard(encoder_id)
+        server_id = self.placed.pop(encoder_id, None)
+        session = self.sessions.get(server_id) if server_id else None
+        if session is not None:
+            session.unwatch(encoder_id).addErrback(lambda _: None)
+
+    def _home_ready(self) -> None:
+        self.sessions = {sid: s for sid, s in self.sessions.items() if s is not self.home}
+        self.sessions.setdefault(self.home.server_id, self.home)
+        # Every (re)connection of the home: learn the encoders and where they are.
+        self.home.list_encoders().addCallbacks(self._listed, lambda _: None)
+
+    def _listed(self, infos: tuple[m.EncoderInfo, ...]) -> None:
+        for info in infos:
+            self._update(info)
+        for encoder_id in self.wanted:
+            self._place(encoder_id)
+
+    def _update(self, info: m.EncoderInfo) -> None:
+        self.infos[info.encoder_id] = info
+        if self.on_update is not None:
+            self.on_update(info)
+        if info.encoder_id in self.wanted:
+            self._place(info.encoder_id)
+
+    def _place(self, encoder_id: str, target: m.ServerInfo | None = None,
+               redirects: int = 0) -> None:
+        """Watch ``encoder_id`` on the server that hosts it (or at home while unknown)."""
+        if encoder_id not in self.wanted or (encoder_id in self._placing and target is None):
+            return
+        info = self.infos.get(encoder_id)
+        if target is not None:
+            server_id = target.server_id
+        elif info is not None and info.server_id:
+            server_id = info.server_id
+        else:
+            server_id = self.placed.get(encoder_id) or self.home.server_id
+        if not server_id:
+            return  # not logged in yet: placed once the home is ready
+        if self.placed.get(encoder_id) == server_id:
+            session = self.sessions.get(server_id)
+            if session is not None and encoder_id in session.watched:
+                return
+        session = self._session_for(server_id, target)
+        if session is None:
+            return
+        old = self.placed.get(encoder_id)
+        if old is not None and old != server_id:
+            self.moves += 1
+            previous = self.sessions.get(old)
+            if previous is not None and previous.control is not None:
+                previous.unwatch(encoder_id).addErrback(lambda _: None)
+        self.placed[encoder_id] = server_id
+        self._placing.add(encoder_id)
+        if session.relay is None:
+            # Its login is under way: place the encoder when it is ready.
+            self._placing.discard(encoder_id)
+            return
+        d = session.watch(encoder_id)
+        d.addCallbacks(self._placed, self._place_failed, errbackArgs=(encoder_id, redirects))
+
+    def _placed(self, watched: Watched) -> None:
+        self._placing.discard(watched.encoder_id)
+
+    def _place_failed(self, failure: Failure, encoder_id: str, redirects: int) -> None:
+        self._placing.discard(encoder_id)
+        error = failure.value
+        if isinstance(error, RedirectedTo) and redirects < self.MAX_REDIRECTS:
+            self._place(encoder_id, error.server, redirects + 1)
+        elif isinstance(error, ClientError) and error.code == ErrorCode.DUPLICATE:
+            pass  # already watched there
+        else:
+            log.info("cannot watch {e} yet: {f}", e=encoder_id, f=failure.getErrorMessage())
+
+    def _session_for(self, server_id: str, target: m.ServerInfo | None) -> ViewerClient | None:
+        session = self.sessions.get(server_id)
+        if session is not None:
+            return session
+        info = target or self.home.server_infos.get(server_id)
+        if info is None:
+            return None
+        session = ViewerClient(self.reactor, [Address(info.host, info.viewer_port)],
+                               self.account, self.password, self.tls,
+                               on_media=self._media, **self.client_kwargs)
+        session.on_session = lambda: self._session_ready(server_id)
+        self.sessions[server_id] = session
+        session.start().addErrback(lambda f: log.info("cannot log in to {s}: {f}",
+                                                      s=server_id, f=f.getErrorMessage()))
+        return session
+
+    def _session_ready(self, server_id: str) -> None:
+        for encoder_id in list(self.wanted):
+            if self.placed.get(encoder_id) == server_id or (
+                    self.infos.get(encoder_id) is not None
+                    and self.infos[encoder_id].server_id == server_id):
+                self._place(encoder_id)
+
+    def _media(self, encoder_id: str, media: m.Media) -> None:
+        if self.on_media is not None and encoder_id in self.wanted:
+            self.on_media(encoder_id, media)

@@ -224,7 +224,11 @@ class WireConnection(Protocol):
         self.send(m.Ping(nonce))
 
     def _keepalive_timeout(self) -> None:
+        # The peer is silent, maybe gone: say why (best effort) and drop the
+        # connection at once rather than wait for a flush that may never come.
         self.fail(ErrorCode.KEEPALIVE_TIMEOUT, "no traffic from the peer within the timeout")
+        if self.connected:
+            self.transport.abortConnection()  # type: ignore[union-attr]
 
     def handle_common(self, msg: Any) -> bool:
         """Handle Ping, Pong and Error; return True if ``msg`` was one of them.

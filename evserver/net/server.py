@@ -22,7 +22,13 @@ from zope.interface import implementer
 from evserver.net.connection import WireConnection
 from evserver.passwords import verify_password
 from evserver.state.fanout import IMediaSink, ViewerFeed
-from evserver.state.relay import EncoderSession, Refused, RelayCore, ViewerSession
+from evserver.state.relay import (
+    EncoderSession,
+    Redirected,
+    Refused,
+    RelayCore,
+    ViewerSession,
+)
 from evserver.wire import messages as m
 from evserver.wire.framing import ErrorCode, ProtocolName, ProtocolViolation
 
@@ -192,6 +198,8 @@ class ViewerControl(_ServerConnection):
                                         f"{type(msg).__name__} is not expected from a viewer")
         except Refused as refused:
             self.refuse(getattr(msg, "request_id", 0), refused.code, refused.message)
+        except Redirected as redirect:
+            self.send(m.Redirect(msg.request_id, redirect.encoder_id, redirect.server))
 
     def _logged_in(self, account: Any) -> None:
         if not self.connected or self.failed:

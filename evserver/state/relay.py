@@ -17,7 +17,9 @@ import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from evserver.state.directory import Directory, Location
 from evserver.state.fanout import IMediaSink, Stream, ViewerFeed
+from evserver.state.hlc import HybridClock, Stamp
 from evserver.wire import messages as m
 from evserver.wire.framing import ErrorCode
 
@@ -34,7 +36,7 @@ class ILink(Protocol):
     def close_with_error(self, code: ErrorCode, message: str) -> None: ...
 
 
-class IDirectory(Protocol):
+class IRegistry(Protocol):
     """The registered encoders (the store)."""
 
     def list_encoders(self, domain: str | None = None) -> Iterable[Any]: ...
@@ -50,6 +52,15 @@ class Limits:
     stop_linger: float = 5.0
     keyframe_request_interval: float = 1.0
     max_watches: int = MAX_WATCHES
+
+
+class Redirected(Exception):
+    """The encoder is hosted by another server: the client must go there."""
+
+    def __init__(self, encoder_id: str, server: m.ServerInfo) -> None:
+        super().__init__(f"{encoder_id!r} is hosted by {server.server_id}")
+        self.encoder_id = encoder_id
+        self.server = server
 
 
 class Refused(Exception):
@@ -145,6 +156,9 @@ class EncoderSession:
         self.closed = False
         self.channel: Channel | None = None
         self.relay: Any = None  # the I/O object of the relay connection, if any
+        #: The registration's stamp and its count of announced state changes.
+        self.epoch: Stamp = core.hlc.now()
+        self.seq = 0
         self.frames_in = 0
         self.bytes_in = 0
 
@@ -210,6 +224,10 @@ class ViewerSession:
                 f"at most {self.core.limits.max_watches} streams per connection",
             )
         channel = self.core._channel_for(encoder_id, self.domain)
+        elsewhere = self.core.hosted_elsewhere(encoder_id)
+        if elsewhere is not None:
+            self.core._maybe_drop_channel(channel)
+            raise Redirected(encoder_id, elsewhere)
         self.watching[channel.stream_id] = channel
         channel.watchers.add(self)
         if self.feed is not None:
@@ -256,15 +274,22 @@ class RelayCore:
         self,
         clock: IReactorTime,
         server_id: str,
-        directory: IDirectory,
+        registry: IRegistry,
         servers: Callable[[], tuple[m.ServerInfo, ...]],
         limits: Limits | None = None,
+        hlc: HybridClock | None = None,
     ) -> None:
         self.clock = clock
         self.server_id = server_id
-        self.directory = directory
+        self.registry = registry
         self.servers = servers
         self.limits = limits or Limits()
+        self.hlc = hlc or HybridClock(server_id.replace(".", "_"),
+                                      lambda: int(clock.seconds() * 1000))
+        #: Where every encoder of the cluster is (this server's own included).
+        self.locations = Directory(server_id)
+        #: Called with each Location this server announces (the cluster sends it on).
+        self.on_announce: Callable[[Location], None] | None = None
         self.encoders: dict[str, EncoderSession] = {}
         self.viewers: set[ViewerSession] = set()
         self.channels: dict[str, Channel] = {}
@@ -287,7 +312,7 @@ class RelayCore:
             if channel.domain != domain:
                 raise Refused(ErrorCode.NOT_FOUND, f"no encoder {encoder_id!r}")
             return channel
-        record = self.directory.get_encoder(encoder_id)
+        record = self.registry.get_encoder(encoder_id)
         if record is None or record.domain != domain:
             # Another domain's encoder is reported exactly like a missing one.
             raise Refused(ErrorCode.NOT_FOUND, f"no encoder {encoder_id!r}")
@@ -341,9 +366,11 @@ class RelayCore:
             viewer._detach(channel)
         self._maybe_drop_channel(channel)
 
-    def encoder_disconnected(self, session: EncoderSession) -> None:
+    def encoder_disconnected(self, session: EncoderSession, announce: bool = True) -> None:
         if session.closed:
             return
+        if announce:
+            self._announce(session, m.EncoderState.OFFLINE)
         session.closed = True
         session.started = session.streaming = False
         self._tickets.pop(session.ticket, None)
@@ -351,11 +378,13 @@ class RelayCore:
             del self.encoders[session.encoder_id]
         if session.channel is not None:
             session.channel.detach_session(session)
-            self._notify(session.domain, self._info(session.encoder_id, session.name,
-                                                    m.EncoderState.OFFLINE))
+            if announce:
+                self._notify(session.domain, self._info(session.encoder_id, session.name,
+                                                        m.EncoderState.OFFLINE))
 
     def _encoder_changed(self, session: EncoderSession) -> None:
         state = m.EncoderState.STREAMING if session.streaming else m.EncoderState.ONLINE
+        self._announce(session, state)
         self._notify(session.domain, self._info(session.encoder_id, session.name, state))
 
     def _info(self, encoder_id: str, name: str, state: int) -> m.EncoderInfo:
@@ -370,16 +399,87 @@ class RelayCore:
 
     def encoder_infos(self, domain: str) -> tuple[m.EncoderInfo, ...]:
         infos = []
-        for record in self.directory.list_encoders(domain):
+        for record in self.registry.list_encoders(domain):
             session = self.encoders.get(record.encoder_id)
-            if session is None or session.domain != domain:
-                state = m.EncoderState.OFFLINE
-            elif session.streaming:
-                state = m.EncoderState.STREAMING
+            if session is not None and session.domain == domain:
+                state = (m.EncoderState.STREAMING if session.streaming
+                         else m.EncoderState.ONLINE)
+                infos.append(self._info(record.encoder_id, record.name, state))
+                continue
+            where = self.locations.where(record.encoder_id)
+            if where is not None and where.server_id != self.server_id:
+                infos.append(m.EncoderInfo(record.encoder_id, record.name, where.state,
+                                           where.server_id))
             else:
-                state = m.EncoderState.ONLINE
-            infos.append(self._info(record.encoder_id, record.name, state))
+                infos.append(self._info(record.encoder_id, record.name,
+                                        m.EncoderState.OFFLINE))
         return tuple(infos)
+
+    # -- the cluster's directory -----------------------------------------
+
+    def _announce(self, session: EncoderSession, state: int) -> None:
+        location = Location(session.encoder_id, self.server_id, session.epoch, session.seq,
+                            state)
+        session.seq += 1
+        self.locations.apply(location)
+        if self.on_announce is not None:
+            self.on_announce(location)
+
+    def hosted_elsewhere(self, encoder_id: str) -> m.ServerInfo | None:
+        """The server hosting ``encoder_id`` if it is another live one, else None."""
+        if encoder_id in self.encoders:
+            return None
+        where = self.locations.where(encoder_id)
+        if where is None or where.server_id == self.server_id:
+            return None
+        return next((s for s in self.servers() if s.server_id == where.server_id), None)
+
+    def remote_locations(self, locations: Iterable[Location]) -> None:
+        """Announcements from other servers: merge, drop stale sessions, tell viewers."""
+        for location in locations:
+            self.hlc.observe(location.epoch)
+            local = self.encoders.get(location.encoder_id)
+            if not self.locations.apply(location):
+                continue
+            if (local is not None and location.online
+                    and location.server_id != self.server_id
+                    and location.version > (local.epoch, local.seq)):
+                log.info("encoder {encoder_id} registered on {server}; dropping the stale "
+                         "session here", encoder_id=location.encoder_id,
+                         server=location.server_id)
+                local.link.close_with_error(ErrorCode.SUPERSEDED,
+                                            "this encoder connected again elsewhere")
+                if local.relay is not None:
+                    local.relay.close_with_error(ErrorCode.SUPERSEDED,
+                                                 "this encoder connected again elsewhere")
+                self.encoder_disconnected(local, announce=False)
+            self._notify_remote(location)
+
+    def server_lost(self, server_id: str) -> None:
+        """A peer was declared dead: its encoders are offline until they come back."""
+        for location in self.locations.server_lost(server_id):
+            self._notify_remote(location)
+
+    def reannounce(self) -> list[Location]:
+        """Every local registration again (for a peer that just (re)connected)."""
+        out = []
+        for session in self.encoders.values():
+            state = (m.EncoderState.STREAMING if session.streaming
+                     else m.EncoderState.ONLINE)
+            location = Location(session.encoder_id, self.server_id, session.epoch,
+                                session.seq, state)
+            session.seq += 1
+            self.locations.apply(location)
+            out.append(location)
+        return out
+
+    def _notify_remote(self, location: Location) -> None:
+        record = self.registry.get_encoder(location.encoder_id)
+        if record is None:
+            return
+        server = location.server_id if location.online else ""
+        self._notify(record.domain, m.EncoderInfo(location.encoder_id, record.name,
+                                                  location.state, server))
 
     # -- viewers ---------------------------------------------------------
 

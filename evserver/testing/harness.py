@@ -33,11 +33,13 @@ class MemoryServer:
     """One server on a MemoryNetwork host, sharing the network's clock."""
 
     def __init__(self, net: MemoryNetwork, host: str, store: Store, server_id: str = "s1",
-                 settings: ServerSettings | None = None, limits: Limits | None = None) -> None:
+                 settings: ServerSettings | None = None, limits: Limits | None = None,
+                 servers: Callable[[], tuple[m.ServerInfo, ...]] | None = None) -> None:
         self.net = net
         self.host = host
         self.store = store
         self.settings = settings or ServerSettings()
+        self._servers = servers
         self.core = RelayCore(net.clock, server_id, store, self.servers, limits)
         self.auth = Authenticator(store, defer_to_thread=_in_line)
         self.factories = {
@@ -50,9 +52,13 @@ class MemoryServer:
         for port, factory in self.factories.items():
             net.listen(host, port, factory)
 
+    @property
+    def info(self) -> m.ServerInfo:
+        return m.ServerInfo(self.core.server_id, self.host, ENCODER_PORT, VIEWER_PORT,
+                            RELAY_PORT)
+
     def servers(self) -> tuple[m.ServerInfo, ...]:
-        return (m.ServerInfo(self.core.server_id, self.host, ENCODER_PORT, VIEWER_PORT,
-                             RELAY_PORT),)
+        return self._servers() if self._servers is not None else (self.info,)
 
     def connector(self, source: str = "127.0.0.1") -> Callable[[Address], Any]:
         return lambda a: self.net.endpoint(a.host, a.port, source)

@@ -43,7 +43,7 @@ class ProtocolName(enum.Enum):
 
 
 class ErrorCode(enum.IntEnum):
-    """Error codes carried by ERROR frames (see protocol-spec/errors.rst)."""
+    """Error codes carried by ERROR frames (protocol-spec/errors.rst; 21-25: peer.rst)."""
 
     PROTOCOL_VIOLATION = 1
     BAD_PREAMBLE = 2
@@ -63,6 +63,12 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 18
     RATE_LIMITED = 19
     DUPLICATE = 20
+    # Peer protocol (protocol-spec/peer.rst).
+    WRONG_CLUSTER = 21
+    BAD_TOKEN = 22
+    CLUSTER_FULL = 23
+    REMOVED = 24
+    SERVER_ID_IN_USE = 25
 
 
 class WireError(Exception):

@@ -1,9 +1,10 @@
-"""Messages of the encoder, viewer and relay protocols, without I/O.
+"""Messages of the encoder, viewer and relay protocols, and the codec, without I/O.
 
 Each message is an attrs class whose fields carry their wire kind in the
 field metadata; one generic codec encodes and decodes them all, so a message
 is declared in one place.  The media frame, the only per-frame message, has a
-hand-written fast path (``encode_media_header`` / ``decode_media``).
+hand-written fast path (``encode_media_header`` / ``decode_media``).  The
+peer protocol's messages use the same codec and live in ``peer.py``.
 
 ``protocol-spec/`` is normative; ``tests/test_wire_vectors.py`` holds this
 module to the byte vectors written there.
@@ -12,7 +13,7 @@ module to the byte vectors written there.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeVar
 
 import attrs
@@ -71,13 +72,18 @@ _U16 = struct.Struct("!H")
 
 
 class _Bytes16(Kind):
-    """u16 length, then that many bytes."""
+    """u16 length, then that many bytes; at most ``max_len`` (65535 by default)."""
 
     name = "bytes16"
 
+    def __init__(self, max_len: int = 0xFFFF) -> None:
+        if not 0 <= max_len <= 0xFFFF:
+            raise ValueError("max_len must be 0..65535")
+        self.max_len = max_len
+
     def encode(self, value: Any, out: list[bytes]) -> None:
-        if len(value) > 0xFFFF:
-            raise ValueError("bytes16 value longer than 65535 bytes")
+        if len(value) > self.max_len:
+            raise ValueError(f"{self.name} value longer than {self.max_len} bytes")
         out.append(_U16.pack(len(value)))
         out.append(bytes(value))
 
@@ -85,6 +91,9 @@ class _Bytes16(Kind):
         if pos + 2 > len(data):
             raise Malformed("truncated length")
         (n,) = _U16.unpack_from(data, pos)
+        if n > self.max_len:
+            # Refused on the length alone, before any of the value is read.
+            raise Malformed(f"{self.name} of {n} bytes exceeds {self.max_len}")
         end = pos + 2 + n
         if end > len(data):
             raise Malformed("truncated bytes")
@@ -114,6 +123,73 @@ class _Str(_Bytes16):
 
 BYTES16 = _Bytes16()
 STR = _Str()
+#: A bytes16 kind with a smaller maximum length: ``Bytes16(16384)``.
+Bytes16 = _Bytes16
+
+
+class Checked(_Str):
+    """A str whose text must also pass ``check`` (an identifier, a stamp).
+
+    It is written exactly as a str; ``name`` is the kind's name in the spec
+    tables and ``what`` completes the error message "... is not {what}".
+    """
+
+    def __init__(self, name: str, check: Callable[[str], bool], what: str) -> None:
+        super().__init__()
+        self.name = name  # type: ignore[misc]
+        self._check = check
+        self._what = what
+
+    def encode(self, value: Any, out: list[bytes]) -> None:
+        if not isinstance(value, str) or not self._check(value):
+            raise ValueError(f"{value!r} is not {self._what}")
+        super().encode(value, out)
+
+    def decode(self, data: bytes, pos: int) -> tuple[Any, int]:
+        text, end = super().decode(data, pos)
+        if not self._check(text):
+            shown = text if len(text) <= 40 else text[:40] + "..."
+            raise Malformed(f"{shown!r} is not {self._what}")
+        return text, end
+
+
+class Choice(Kind):
+    """An integer kind restricted to a set of defined values (an enumeration, a flag)."""
+
+    def __init__(self, base: _Int, values: Iterable[int]) -> None:
+        self.base = base
+        self.values = frozenset(values)
+        self.name = base.name  # type: ignore[misc]
+
+    def encode(self, value: Any, out: list[bytes]) -> None:
+        if value not in self.values:
+            raise ValueError(f"{value!r} is not a defined {self.name} value here")
+        self.base.encode(value, out)
+
+    def decode(self, data: bytes, pos: int) -> tuple[Any, int]:
+        value, end = self.base.decode(data, pos)
+        if value not in self.values:
+            raise Malformed(f"undefined value {value}")
+        return value, end
+
+
+class Fixed(Kind):
+    """Exactly ``size`` bytes, with no length prefix (a digest)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.name = f"{size} bytes"  # type: ignore[misc]
+
+    def encode(self, value: Any, out: list[bytes]) -> None:
+        if not isinstance(value, bytes | bytearray) or len(value) != self.size:
+            raise ValueError(f"expected exactly {self.size} bytes")
+        out.append(bytes(value))
+
+    def decode(self, data: bytes, pos: int) -> tuple[Any, int]:
+        end = pos + self.size
+        if end > len(data):
+            raise Malformed(f"truncated {self.name}")
+        return data[pos:end], end
 
 
 class ListOf(Kind):
@@ -242,12 +318,14 @@ def message(
 
 
 ALL = (ProtocolName.ENCODER, ProtocolName.VIEWER, ProtocolName.RELAY)
+#: Error, Ping and Pong: every protocol, the peer protocol included.
+COMMON = (*ALL, ProtocolName.PEER)
 ENC = (ProtocolName.ENCODER,)
 VIEW = (ProtocolName.VIEWER,)
 RELAY = (ProtocolName.RELAY,)
 
 
-@message(0x01, protocols=ALL, from_server=None)
+@message(0x01, protocols=COMMON, from_server=None)
 @attrs.frozen
 class Error:
     """A refused request (fatal=0) or a protocol violation (fatal=1, then close)."""
@@ -258,13 +336,13 @@ class Error:
     message: str = wire(STR)
 
 
-@message(0x02, protocols=ALL, from_server=None)
+@message(0x02, protocols=COMMON, from_server=None)
 @attrs.frozen
 class Ping:
     nonce: int = wire(U64)
 
 
-@message(0x03, protocols=ALL, from_server=None)
+@message(0x03, protocols=COMMON, from_server=None)
 @attrs.frozen
 class Pong:
     nonce: int = wire(U64)
@@ -383,6 +461,16 @@ class UnwatchOk:
     stream_id: int = wire(U32)
 
 
+@message(0x29, protocols=VIEW, from_server=True)
+@attrs.frozen
+class Redirect:
+    """The encoder of a Watch is hosted by another server of the cluster: watch it there."""
+
+    request_id: int = wire(U32)
+    encoder_id: str = wire(STR)
+    server: ServerInfo = wire(Embedded(ServerInfo))  # noqa: RUF009 (an attrs field)
+
+
 # Video relay --------------------------------------------------------------
 
 
@@ -495,7 +583,7 @@ def allowed(protocol: ProtocolName, from_server: bool) -> frozenset[int]:
 
 def decode_for(protocol: ProtocolName, from_server: bool, msg_type: int, body: bytes) -> Any:
     """Decode a frame received on ``protocol``; refuse types not allowed in that direction."""
-    if msg_type not in _ALLOWED[(protocol, from_server)]:
+    if msg_type not in _DIRECTIONS.get((protocol, from_server), ()):
         if msg_type == MEDIA or msg_type in MESSAGES:
             raise ProtocolViolation(
                 ErrorCode.UNEXPECTED_MESSAGE,
@@ -505,6 +593,8 @@ def decode_for(protocol: ProtocolName, from_server: bool, msg_type: int, body: b
     return decode(msg_type, body)
 
 
-_ALLOWED = {
-    (p, s): allowed(p, s) for p in ProtocolName for s in (True, False)
-}
+# The peer protocol's messages (protocol-spec/peer.rst) are declared in their
+# own module with this codec.  Importing it here registers them whatever
+# module is imported first, so the registry and the answers of ``decode_for``
+# never depend on import order.
+from evserver.wire import peer as _peer  # noqa: E402, F401
