@@ -148,6 +148,7 @@ class ServerConfig:
     viewer_endpoint: str = attrs.field(default="tcp:5520", validator=_endpoint)
     relay_endpoint: str = attrs.field(default="tcp:5530", validator=_endpoint)
     admin_endpoint: str = attrs.field(default="tcp:9443", validator=_endpoint)
+    peer_endpoint: str = attrs.field(default="tcp:47100", validator=_endpoint)
 
     external_host: str = attrs.field(default="127.0.0.1", validator=_host)
     external_encoder_port: int = attrs.field(
@@ -161,6 +162,9 @@ class ServerConfig:
     )
     external_admin_port: int = attrs.field(
         default=_external_port_default("admin_endpoint"), validator=_port_number
+    )
+    external_peer_port: int = attrs.field(
+        default=_external_port_default("peer_endpoint"), validator=_port_number
     )
 
     tls: bool = True

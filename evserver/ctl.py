@@ -20,6 +20,7 @@ import datetime
 import getpass as getpass_module
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -46,13 +47,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help=f"server data directory, created if missing (default: {DEFAULT_DATA_DIR})",
     )
-    groups = parser.add_subparsers(dest="group", metavar="{domain,account,encoder}")
+    groups = parser.add_subparsers(dest="group", metavar="{domain,account,encoder,msr}")
     groups.required = True
 
     domain = groups.add_parser("domain", help="manage domains").add_subparsers(
         dest="command", metavar="{add,list,delete}"
     )
     domain.required = True
+    msr = groups.add_parser("msr", help="multi-site resilience (the cluster)").add_subparsers(
+        dest="command", metavar="{enable,status,provision}"
+    )
+    msr.required = True
+    p = msr.add_parser("enable", help="make this standalone server a cluster of one, in place")
+    p.add_argument("--host", action="append", default=[], metavar="NAME",
+                   help="a host name or address of this server for its certificate "
+                        "(repeatable; default: 127.0.0.1 and localhost)")
+    p = msr.add_parser("status", help="show this server's cluster identity and members")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = msr.add_parser(
+        "provision",
+        help="admit this server into the cluster of another data directory on this machine")
+    p.add_argument("--from", dest="source", required=True, metavar="DIR",
+                   help="the data directory of a cluster member")
+    p.add_argument("--peer", required=True, metavar="HOST:PORT",
+                   help="that member's peer address")
+    p.add_argument("--host", action="append", default=[], metavar="NAME",
+                   help="a host name or address of this server for its certificate")
+
     p = domain.add_parser("add", help="create a domain")
     p.add_argument("name")
     p = domain.add_parser("list", help="list domains")
@@ -169,6 +190,58 @@ class _Ctl:
             self.print("  ".join(cell.ljust(width) for cell, width in cells).rstrip())
 
     # -- domains ----------------------------------------------------------
+
+    def msr_enable(self, store: Store) -> None:
+        from evserver.cluster.ca import ClusterError
+        from evserver.cluster.provision import enable
+
+        try:
+            identity = enable(Path(self.args.data), self.args.host or ["127.0.0.1", "localhost"],
+                              time.time)
+        except ClusterError as e:
+            raise CtlError(str(e)) from None
+        self.print(f"multi-site resilience enabled: cluster {identity.cluster_id}, "
+                   f"this server {identity.server_id}")
+        self.print("a running server starts its cluster service within a few seconds, "
+                   "keeping its data and clients")
+
+    def msr_status(self, store: Store) -> None:
+        from evserver.cluster.ca import ClusterError, load_identity
+        from evserver.cluster.provision import _read_members
+
+        try:
+            identity = load_identity(Path(self.args.data))
+        except ClusterError as e:
+            raise CtlError(str(e)) from None
+        if identity is None:
+            status: dict[str, Any] = {"enabled": False}
+        else:
+            status = {"enabled": True, "cluster_id": identity.cluster_id,
+                      "server_id": identity.server_id,
+                      "ca_fingerprint": identity.fingerprint(),
+                      "members": [m.get("server_id") for m in _read_members(Path(self.args.data))]}
+        if self.args.json:
+            self.print(json.dumps(status, indent=1))
+        elif not status["enabled"]:
+            self.print("standalone server (multi-site resilience is not enabled)")
+        else:
+            for key, value in status.items():
+                self.print(f"{key}: {value}")
+
+    def msr_provision(self, store: Store) -> None:
+        from evserver.cluster.ca import ClusterError
+        from evserver.cluster.provision import provision_member
+
+        host, sep, port = self.args.peer.rpartition(":")
+        if not sep or not port.isdigit():
+            raise CtlError(f"--peer {self.args.peer!r}: expected HOST:PORT")
+        try:
+            identity = provision_member(Path(self.args.source), (host, int(port)),
+                                        Path(self.args.data),
+                                        self.args.host or ["127.0.0.1", "localhost"], time.time)
+        except ClusterError as e:
+            raise CtlError(str(e)) from None
+        self.print(f"server {identity.server_id} admitted to cluster {identity.cluster_id}")
 
     def domain_add(self, store: Store) -> None:
         domain = store.add_domain(self.args.name)

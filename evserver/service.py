@@ -9,6 +9,7 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -29,6 +30,9 @@ from evserver.tls import ensure_server_certificate, wrap_server_factory
 from evserver.wire import messages as m
 
 log = Logger()
+
+#: How often a standalone server looks for a cluster identity (msr enable).
+CLUSTER_CHECK_INTERVAL = 2.0
 
 
 class ListenerService(Service):
@@ -127,12 +131,55 @@ class RelayServerService(MultiService):
                         wrap_server_factory(self.admin_site, self.tls_options),
                         reactor).setServiceParent(self)
 
+        self.cluster: Any = None
+        self._cluster_watch: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        # Multi-site resilience starts when the cluster identity appears
+        # (``evserver-ctl msr enable``, the admin site, or a join), without a
+        # restart and without dropping a client.
+        self._cluster_watch = LoopingCall(self.check_cluster)
+        self._cluster_watch.clock = self.reactor
+        self._cluster_watch.start(CLUSTER_CHECK_INTERVAL, now=True)
+
+    def check_cluster(self) -> None:
+        if self.cluster is not None:
+            return
+        from evserver.cluster.ca import ClusterError, load_identity
+
+        try:
+            identity = load_identity(self.config.data_dir, self.config.server_id)
+        except ClusterError as e:
+            log.error("multi-site resilience cannot start: {error}", error=str(e))
+            return
+        if identity is None:
+            return
+        self.start_cluster(identity)
+
+    def start_cluster(self, identity: Any) -> None:
+        from evserver.cluster.service import ClusterService
+        from evserver.wire import peer as p
+
+        c = self.config
+        address = p.ExternalAddress(c.external_host, c.external_encoder_port,
+                                    c.external_viewer_port, c.external_relay_port,
+                                    c.external_admin_port, c.external_host,
+                                    c.external_peer_port)
+        self.cluster = ClusterService(identity, c.data_dir, address, c.peer_endpoint,
+                                      self.core, self.store, self.reactor)
+        self.cluster.setServiceParent(self)
+        log.info("multi-site resilience: member {server_id} of cluster {cluster_id}",
+                 server_id=identity.server_id, cluster_id=identity.cluster_id)
+
     def servers(self) -> tuple[m.ServerInfo, ...]:
         c = self.config
         return (m.ServerInfo(c.server_id, c.external_host, c.external_encoder_port,
                              c.external_viewer_port, c.external_relay_port),)
 
     def stopService(self) -> Deferred[None] | None:
+        if self._cluster_watch is not None and self._cluster_watch.running:
+            self._cluster_watch.stop()
         self.core.shutdown()
         d = super().stopService()
         self.store.close()

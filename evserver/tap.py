@@ -35,12 +35,14 @@ _ENDPOINTS = {
     "viewer-port": ("viewer_endpoint", "viewer control connections"),
     "relay-port": ("relay_endpoint", "video relay connections"),
     "admin-port": ("admin_endpoint", "the admin web site"),
+    "peer-port": ("peer_endpoint", "the cluster's server-to-server connections"),
 }
 _EXTERNAL_PORTS = {
     "external-encoder-port": ("external_encoder_port", "encoder-port"),
     "external-viewer-port": ("external_viewer_port", "viewer-port"),
     "external-relay-port": ("external_relay_port", "relay-port"),
     "external-admin-port": ("external_admin_port", "admin-port"),
+    "external-peer-port": ("external_peer_port", "peer-port"),
 }
 # option name -> (ServerConfig field, type, unit, zero allowed)
 _NUMBERS: dict[str, tuple[str, type, str, bool]] = {

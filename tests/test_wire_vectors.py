@@ -18,6 +18,7 @@ import attrs
 import pytest
 
 from evserver.wire import messages as m
+from evserver.wire import peer
 from evserver.wire.framing import (
     PREAMBLE_SIZE,
     VERSION,
@@ -53,7 +54,7 @@ def _value_from_json(kind: m.Kind, value: Any) -> Any:
         return tuple(_record_from_json(kind.record, item) for item in value)
     if isinstance(kind, m.Embedded):
         return _record_from_json(kind.record, value)
-    if kind is m.BYTES16:
+    if isinstance(kind, m.Bytes16 | m.Fixed) and not isinstance(kind, m._Str):
         return bytes.fromhex(value)
     return value
 
@@ -74,7 +75,7 @@ def message_from_json(data: dict[str, Any]) -> Any:
 
 
 def frame_limit(protocol: str) -> int:
-    return MEDIA_LIMIT if protocol == "relay" else CONTROL_LIMIT
+    return {"relay": MEDIA_LIMIT, "peer": peer.FRAME_LIMIT}.get(protocol, CONTROL_LIMIT)
 
 
 def _ids(vectors: list[dict[str, Any]]) -> list[str]:
@@ -95,9 +96,9 @@ def test_every_message_type_has_a_vector() -> None:
     assert set(MESSAGE_CLASSES) | {"Preamble"} == covered
 
 
-def test_every_client_protocol_has_a_preamble_vector() -> None:
+def test_every_protocol_has_a_preamble_vector() -> None:
     preambles = {v["protocol"] for v in VALID if v["message"]["type"] == "Preamble"}
-    assert preambles == {"encoder", "viewer", "relay"}
+    assert preambles == {p.value.decode() for p in ProtocolName}
 
 
 def test_vectors_cover_lists_of_zero_one_and_two() -> None:
@@ -383,12 +384,24 @@ def _kind_name(kind: m.Kind) -> str:
     return kind.name
 
 
+def _records_of(cls: type) -> list[type]:
+    """The record classes that ``cls``'s fields embed or list, recursively."""
+    out: list[type] = []
+    for f in attrs.fields(cls):
+        kind = f.metadata["wire"]
+        if isinstance(kind, m.ListOf | m.Embedded):
+            out += [kind.record, *_records_of(kind.record)]
+    return out
+
+
 def _documented_classes() -> list[tuple[str, type]]:
     out: list[tuple[str, type]] = [
         (f"{cls.__name__} (0x{t:02x})", cls) for t, cls in sorted(m.MESSAGES.items())
     ]
     out.append((f"Media (0x{m.MEDIA:02x})", m.Media))
-    out += [("ServerInfo (record)", m.ServerInfo), ("EncoderInfo (record)", m.EncoderInfo)]
+    records = dict.fromkeys(r for cls in m.MESSAGES.values() for r in _records_of(cls))
+    assert {m.ServerInfo, m.EncoderInfo} <= set(records)
+    out += [(f"{r.__name__} (record)", r) for r in records]
     return out
 
 
@@ -419,36 +432,45 @@ def test_message_table_matches_the_code(title: str, cls: type) -> None:
 
 
 def test_message_type_table_matches_the_code() -> None:
-    rows = _first_simple_table(_section((SPEC / "framing.rst").read_text("utf-8"), "Message types"))
-    assert rows[0] == ["type", "name", "protocols", "direction", "defined in"]
-    documented = {}
+    """framing.rst's table for the client protocols and peer.rst's for the peer protocol."""
+    documented: dict[int, set[tuple[ProtocolName, bool]]] = {}
     clients = (ProtocolName.ENCODER, ProtocolName.VIEWER, ProtocolName.RELAY)
-    for type_hex, name, protocols, direction, defined_in in rows[1:]:
-        msg_type = int(type_hex, 16)
-        assert msg_type == MESSAGE_CLASSES[name].TYPE  # type: ignore[attr-defined]
-        assert (SPEC / defined_in).exists()
-        assert f"{name} (0x{msg_type:02x})" in (SPEC / defined_in).read_text("utf-8")
-        protos = (
-            set(clients)
-            if protocols == "all"
-            else {ProtocolName(p.strip().encode()) for p in protocols.split(",")}
-        )
-        directions = {"both": {True, False}, "client → server": {False}, "server → client": {True}}[
-            direction
-        ]
-        documented[msg_type] = {(p, s) for p in protos for s in directions}
+    for document in ("framing.rst", "peer.rst"):
+        rows = _first_simple_table(_section((SPEC / document).read_text("utf-8"), "Message types"))
+        assert rows[0] == ["type", "name", "protocols", "direction", "defined in"]
+        for type_hex, name, protocols, direction, defined_in in rows[1:]:
+            msg_type = int(type_hex, 16)
+            assert msg_type == MESSAGE_CLASSES[name].TYPE  # type: ignore[attr-defined]
+            assert (SPEC / defined_in).exists()
+            assert f"{name} (0x{msg_type:02x})" in (SPEC / defined_in).read_text("utf-8")
+            protos = (
+                set(clients)
+                if protocols == "all"
+                else {ProtocolName(p.strip().encode()) for p in protocols.split(",")}
+            )
+            directions = {
+                "both": {True, False}, "client → server": {False}, "server → client": {True}
+            }[direction]
+            documented.setdefault(msg_type, set()).update(
+                (p, s) for p in protos for s in directions
+            )
     assert set(documented) == set(m.MESSAGES) | {m.MEDIA}
-    for protocol in clients:
+    for protocol in ProtocolName:
         for from_server in (True, False):
             expected = {t for t, where in documented.items() if (protocol, from_server) in where}
             assert m.allowed(protocol, from_server) == expected, (protocol, from_server)
 
 
 def test_error_code_table_matches_the_code() -> None:
-    rows = _first_simple_table(_section((SPEC / "errors.rst").read_text("utf-8"), "Error codes"))
-    assert rows[0][:3] == ["code", "name", "kind"]
-    assert {(int(r[0]), r[1]) for r in rows[1:]} == {(c.value, c.name) for c in ErrorCode}
-    kinds = {r[1]: r[2] for r in rows[1:]}
+    """errors.rst's codes and those peer.rst adds, each defined once."""
+    rows = []
+    for document in ("errors.rst", "peer.rst"):
+        table = _first_simple_table(_section((SPEC / document).read_text("utf-8"), "Error codes"))
+        assert table[0][:3] == ["code", "name", "kind"]
+        rows += table[1:]
+    assert len(rows) == len(ErrorCode)
+    assert {(int(r[0]), r[1]) for r in rows} == {(c.value, c.name) for c in ErrorCode}
+    kinds = {r[1]: r[2] for r in rows}
     assert set(kinds.values()) <= {"violation", "refusal", "either"}
     for refusal in ("NOT_FOUND", "DUPLICATE", "LIMIT_EXCEEDED"):
         assert kinds[refusal] == "refusal"

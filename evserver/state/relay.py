@@ -460,6 +460,14 @@ class RelayCore:
         for location in self.locations.server_lost(server_id):
             self._notify_remote(location)
 
+    def push_server_list(self) -> None:
+        """Membership changed: tell every client the servers it may use."""
+        msg = m.ServerList(self.servers())
+        for session in self.encoders.values():
+            session.link.send(msg)
+        for viewer in self.viewers:
+            viewer.link.send(msg)
+
     def reannounce(self) -> list[Location]:
         """Every local registration again (for a peer that just (re)connected)."""
         out = []

@@ -49,10 +49,11 @@ class Ports:
     viewer: int
     relay: int
     admin: int
+    peer: int = 47100
 
     @classmethod
     def free(cls, host: str = "127.0.0.1") -> Ports:
-        return cls(*free_ports(4, host))
+        return cls(*free_ports(5, host))
 
     def as_dict(self) -> dict[str, int]:
         return attrs.asdict(self)

@@ -1,0 +1,445 @@
+"""The cluster inside a server: peer links, membership, directory and replication.
+
+``ClusterService`` is the I/O layer of multi-site resilience.  It listens on
+the peer port, keeps one mutual-TLS connection to every other member, and
+feeds what arrives into the state machines: ``Membership`` (heartbeats,
+failure detection, probes), the core's directory (where each encoder is),
+and the store (replicated records).  What they decide comes back through
+the ``IMembershipActions`` methods below and the core's and store's hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from evserver import __version__
+from evserver.cluster.ca import (
+    ClusterIdentity,
+    cluster_dir,
+    peer_client_tls_options,
+    peer_server_tls_options,
+)
+from evserver.net.peer import PeerClientFactory, PeerConnection, PeerServerFactory
+from evserver.state.directory import Location
+from evserver.state.hlc import Stamp
+from evserver.state.membership import IMembershipActions, Membership, MembershipSettings, PeerState
+from evserver.state.replica import Update
+from evserver.tls import wrap_server_factory
+from evserver.wire import messages as m
+from evserver.wire import peer as p
+from evserver.wire.framing import ErrorCode
+
+log = Logger()
+
+MEMBERS_FILE = "members.json"
+ANTI_ENTROPY_INTERVAL = 10.0
+
+
+@attrs.define
+class MemberRecord:
+    server_id: str
+    address: p.ExternalAddress
+    incarnation: int = 0
+
+
+def _address_to_json(a: p.ExternalAddress) -> dict[str, Any]:
+    return attrs.asdict(a)
+
+
+def _address_from_json(d: dict[str, Any]) -> p.ExternalAddress:
+    return p.ExternalAddress(**d)
+
+
+@implementer(IMembershipActions)
+class ClusterService(Service):
+    """One server's part of the cluster."""
+
+    def __init__(self, identity: ClusterIdentity, data_dir: Path, address: p.ExternalAddress,
+                 peer_endpoint: str, core: Any, store: Any, reactor: Any,
+                 settings: MembershipSettings | None = None,
+                 connector: Any = None, listen: Any = None) -> None:
+        self.identity = identity
+        self.cluster_id = identity.cluster_id
+        self.server_id = identity.server_id
+        self.data_dir = data_dir
+        self.address = address
+        self.peer_endpoint = peer_endpoint
+        self.core = core
+        self.store = store
+        self.clock = reactor
+        self.reactor = reactor
+        self.incarnation = int(time.time() * 1_000_000)
+        self.membership = Membership(self.server_id, self, reactor, settings)
+        self.members: dict[str, MemberRecord] = {}
+        self.connections: dict[str, PeerConnection] = {}
+        self._connecting: set[str] = set()
+        self._digests: dict[str, dict[tuple[str, str], bytes]] = {}
+        self._next_request = 1
+        self._heartbeat_seq = 0
+        self._port: IListeningPort | None = None
+        self._anti_entropy: Any = None
+        #: Tests inject in-memory endpoints: connector(record) -> IStreamClientEndpoint,
+        #: listen(factory) -> Deferred[IListeningPort].
+        self._connector = connector
+        self._listen = listen
+
+    # -- lifecycle -------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._load_members()
+        self.core.servers = self.servers
+        self.core.on_announce = self._announce
+        if hasattr(self.store, "subscribe"):
+            self.store.subscribe(self._local_update)
+        factory = PeerServerFactory(self)
+        if self._listen is not None:
+            d = self._listen(factory)
+        else:
+            served = wrap_server_factory(
+                factory, peer_server_tls_options(self.identity, allow_joiners=True))
+            d = endpoints.serverFromString(self.reactor, self.peer_endpoint).listen(served)
+        d.addCallbacks(self._listening, self._listen_failed)
+        for record in self.members.values():
+            self.membership.add_member(record.server_id, record.incarnation)
+        from twisted.internet.task import LoopingCall
+
+        self._anti_entropy = LoopingCall(self._anti_entropy_round)
+        self._anti_entropy.clock = self.reactor
+        self._anti_entropy.start(ANTI_ENTROPY_INTERVAL, now=False)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self._port = port
+        log.info("cluster {cluster_id}: peer port listening on {address}",
+                 cluster_id=self.cluster_id, address=port.getHost())
+
+    def _listen_failed(self, failure: Failure) -> None:
+        from evserver.startup import fatal_startup_error
+
+        fatal_startup_error(f"cannot listen for peers on {self.peer_endpoint!r}: "
+                            f"{failure.getErrorMessage()}")
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._anti_entropy is not None and self._anti_entropy.running:
+            self._anti_entropy.stop()
+        self.membership.stop()
+        for conn in list(self.connections.values()):
+            conn.close()
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()  # type: ignore[no-any-return]
+        return None
+
+    # -- members ---------------------------------------------------------
+
+    def _members_path(self) -> Path:
+        return cluster_dir(self.data_dir) / MEMBERS_FILE
+
+    def _load_members(self) -> None:
+        try:
+            data = json.loads(self._members_path().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = []
+        for item in data:
+            if item.get("server_id") and item["server_id"] != self.server_id:
+                self.members[item["server_id"]] = MemberRecord(
+                    item["server_id"], _address_from_json(item["address"]),
+                    int(item.get("incarnation", 0)))
+
+    def _save_members(self) -> None:
+        path = self._members_path()
+        tmp = path.with_name(f".{MEMBERS_FILE}.{os.getpid()}")
+        tmp.write_text(json.dumps([
+            {"server_id": r.server_id, "address": _address_to_json(r.address),
+             "incarnation": r.incarnation} for r in self.members.values()
+        ], indent=1), encoding="utf-8")
+        tmp.replace(path)
+
+    def add_member(self, server_id: str, address: p.ExternalAddress,
+                   incarnation: int = 0) -> None:
+        """A member we did not know (told by a peer, or a new joiner)."""
+        if server_id == self.server_id:
+            return
+        record = self.members.get(server_id)
+        if record is None:
+            self.members[server_id] = MemberRecord(server_id, address, incarnation)
+            self._save_members()
+            if server_id not in self.membership:
+                self.membership.add_member(server_id, incarnation)
+            self._push_server_list()
+        elif record.address != address:
+            record.address = address
+            self._save_members()
+
+    def member_list(self) -> p.MemberList:
+        states = self.membership.view()
+        out = [p.Member(self.server_id, p.MemberState.ALIVE, self.incarnation, self.address)]
+        for record in self.members.values():
+            view = states.get(record.server_id)
+            state = _wire_state(view.state if view is not None else PeerState.CONNECTING)
+            out.append(p.Member(record.server_id, state, record.incarnation, record.address))
+        return p.MemberList(tuple(out))
+
+    def servers(self) -> tuple[m.ServerInfo, ...]:
+        """What clients are told: this server and every member not known to be dead."""
+        out = [p.server_info(self.server_id, self.address)]
+        view = self.membership.view()
+        for record in self.members.values():
+            state = view.get(record.server_id)
+            if state is not None and state.state in (PeerState.ALIVE, PeerState.SUSPECT):
+                out.append(p.server_info(record.server_id, record.address))
+        return tuple(out)
+
+    def _push_server_list(self) -> None:
+        push = getattr(self.core, "push_server_list", None)
+        if push is not None:
+            push()
+
+    def hello(self, cls: type) -> Any:
+        return cls(self.cluster_id, self.server_id, self.incarnation, f"evserver/{__version__}",
+                   self.address)
+
+    # -- IMembershipActions ----------------------------------------------
+
+    def connect(self, server_id: str) -> None:
+        record = self.members.get(server_id)
+        if record is None or server_id in self._connecting or server_id in self.connections:
+            return
+        self._connecting.add(server_id)
+        if self._connector is not None:
+            endpoint = self._connector(record)
+        else:
+            endpoint = endpoints.wrapClientTLS(
+                peer_client_tls_options(self.identity, server_id),
+                endpoints.HostnameEndpoint(self.reactor, record.address.peer_host,
+                                           record.address.peer_port, timeout=2))
+        d = endpoint.connect(PeerClientFactory(self, server_id))
+        d.addErrback(self._connect_failed, server_id)
+
+    def _connect_failed(self, failure: Failure, server_id: str) -> None:
+        self._connecting.discard(server_id)
+        if server_id in self.membership:
+            self.membership.on_connect_failed(server_id)
+
+    def disconnect(self, server_id: str) -> None:
+        conn = self.connections.pop(server_id, None)
+        if conn is not None:
+            conn.close()
+
+    def send_heartbeat(self, server_id: str, seq: int, sent_wall_us: int) -> None:
+        conn = self.connections.get(server_id)
+        if conn is not None:
+            stats = self.core.stats()
+            load = p.Load(stats["encoders"], stats["streaming"], stats["viewers"], 0)
+            conn.send(p.Heartbeat(seq & 0xFFFFFFFF, sent_wall_us, load))
+
+    def send_probe_request(self, via_server_id: str, target_server_id: str, nonce: int) -> None:
+        conn = self.connections.get(via_server_id)
+        if conn is not None:
+            conn.send(p.ProbeRequest(target_server_id, nonce))
+
+    def send_probe_reply(self, to_server_id: str, target_server_id: str, nonce: int,
+                         alive: bool) -> None:
+        conn = self.connections.get(to_server_id)
+        if conn is not None:
+            conn.send(p.ProbeReply(target_server_id, nonce, int(alive)))
+
+    def member_state_changed(self, server_id: str, old_state: Any, new_state: Any) -> None:
+        log.info("member {server_id}: {old} -> {new}", server_id=server_id,
+                 old=getattr(old_state, "value", old_state),
+                 new=getattr(new_state, "value", new_state))
+        if new_state == PeerState.DEAD:
+            self.core.server_lost(server_id)
+            self._push_server_list()
+        elif new_state == PeerState.ALIVE:
+            self._push_server_list()
+
+    # -- connections -----------------------------------------------------
+
+    def peer_connected(self, conn: PeerConnection) -> bool:
+        """The handshake is done; return False to refuse the connection."""
+        sid = conn.peer_id
+        assert sid is not None
+        self._connecting.discard(sid)
+        hello = conn.peer_hello
+        existing = self.connections.get(sid)
+        if existing is not None and existing is not conn and existing.connected:
+            # Both sides connected at once: keep the link the smaller id opened.
+            opener_of_new = self.server_id if not conn.is_server else sid
+            if opener_of_new != min(self.server_id, sid):
+                return False
+            existing.close()
+        if sid not in self.membership or self.members[sid].address != hello.address:
+            self.add_member(sid, hello.address, hello.incarnation)
+        if not self.membership.on_connection_made(sid, hello.incarnation):
+            return False
+        self.members[sid].incarnation = hello.incarnation
+        self.connections[sid] = conn
+        conn.send(self.member_list())
+        conn.send(p.Directory(tuple(_to_wire(loc) for loc in self.core.reannounce())))
+        self._request_digest(sid)
+        return True
+
+    def peer_disconnected(self, conn: PeerConnection, reason: Failure) -> None:
+        sid = conn.peer_id
+        if sid is None:
+            if conn.expected_id is not None:
+                self._connect_failed(reason, conn.expected_id)
+            return
+        if self.connections.get(sid) is conn:
+            del self.connections[sid]
+            self._digests.pop(sid, None)
+            self.membership.on_connection_lost(sid)
+
+    def peer_frame(self, conn: PeerConnection, msg: Any) -> None:
+        sid = conn.peer_id
+        assert sid is not None
+        if isinstance(msg, p.Heartbeat):
+            now = _wall_us()
+            conn.send(p.HeartbeatAck(msg.seq, msg.sent_wall_us, now, _wall_us()))
+        elif isinstance(msg, p.HeartbeatAck):
+            self.membership.on_heartbeat_ack(sid, msg.seq, msg.echo_sent_wall_us,
+                                             msg.received_wall_us, msg.replied_wall_us,
+                                             _wall_us())
+        elif isinstance(msg, p.ProbeRequest):
+            self.membership.on_probe_request(sid, msg.target_server_id, msg.nonce)
+        elif isinstance(msg, p.ProbeReply):
+            self.membership.on_probe_reply(sid, msg.target_server_id, msg.nonce,
+                                           bool(msg.alive))
+        elif isinstance(msg, p.MemberList):
+            for member in msg.members:
+                if member.server_id != self.server_id and member.state != p.MemberState.LEFT:
+                    self.add_member(member.server_id, member.address, member.incarnation)
+        elif isinstance(msg, p.Directory):
+            self.core.remote_locations([_from_wire(loc) for loc in msg.locations])
+        elif isinstance(msg, p.Updates):
+            self._apply_updates(msg)
+        elif isinstance(msg, p.DigestRequest):
+            self._answer_digest(conn, msg)
+        elif isinstance(msg, p.Digest):
+            self._digest_chunk(sid, conn, msg)
+        elif isinstance(msg, m.Ping):
+            conn.send(m.Pong(msg.nonce))
+        elif isinstance(msg, m.Error):
+            log.info("peer {sid} reported: {message}", sid=sid, message=msg.message)
+            if msg.fatal:
+                conn.close()
+
+    # -- directory -------------------------------------------------------
+
+    def _announce(self, location: Location) -> None:
+        frame = p.Directory((_to_wire(location),))
+        for conn in self.connections.values():
+            conn.send(frame)
+
+    # -- replication -----------------------------------------------------
+
+    def _local_update(self, update: Update) -> None:
+        records = [_record_to_wire(update)]
+        for frame in p.batch_updates(records):
+            for conn in self.connections.values():
+                conn.send(frame)
+
+    def _apply_updates(self, msg: p.Updates) -> None:
+        if not hasattr(self.store, "apply_updates"):
+            return
+        updates = [_record_from_wire(r) for r in msg.records]
+        self.store.apply_updates(updates)
+
+    def _request_digest(self, sid: str) -> None:
+        if not hasattr(self.store, "digest"):
+            return
+        conn = self.connections.get(sid)
+        if conn is None:
+            return
+        self._digests[sid] = {}
+        request_id = self._next_request
+        self._next_request += 1
+        conn.send(p.DigestRequest(request_id, 0))
+
+    def _answer_digest(self, conn: PeerConnection, msg: p.DigestRequest) -> None:
+        if not hasattr(self.store, "digest"):
+            return
+        entries = [p.DigestEntry(table, key, fp)
+                   for (table, key), fp in self.store.digest().items()]
+        chunks = p.chunk_digest(msg.request_id, entries)
+        # Small clusters: send every chunk at once, in order.
+        for chunk in chunks[msg.chunk:]:
+            conn.send(chunk)
+
+    def _digest_chunk(self, sid: str, conn: PeerConnection, msg: p.Digest) -> None:
+        theirs = self._digests.setdefault(sid, {})
+        for entry in msg.entries:
+            theirs[(entry.table, entry.key)] = entry.fingerprint
+        if msg.last:
+            updates = self.store.updates_for(theirs)
+            self._digests.pop(sid, None)
+            for frame in p.batch_updates([_record_to_wire(u) for u in updates]):
+                conn.send(frame)
+
+    def _anti_entropy_round(self) -> None:
+        for sid in list(self.connections):
+            self._request_digest(sid)
+
+    # -- joining ---------------------------------------------------------
+
+    def join_request(self, conn: PeerConnection, msg: p.JoinRequest) -> None:
+        joiner = getattr(self, "joiner", None)
+        if joiner is None:
+            conn.fail(ErrorCode.BAD_TOKEN, "this server does not admit new members")
+            return
+        joiner(conn, msg)
+
+
+def _wall_us() -> int:
+    return int(time.time() * 1_000_000)
+
+
+def _wire_state(state: PeerState) -> int:
+    return {
+        PeerState.ALIVE: p.MemberState.ALIVE,
+        PeerState.SUSPECT: p.MemberState.SUSPECT,
+        PeerState.DEAD: p.MemberState.DEAD,
+        PeerState.LEFT: p.MemberState.LEFT,
+    }.get(state, p.MemberState.DEAD)
+
+
+def _to_wire(location: Location) -> p.Location:
+    return p.Location(location.encoder_id, location.server_id, location.epoch.encode(),
+                      location.seq, location.state)
+
+
+def _from_wire(location: p.Location) -> Location:
+    return Location(location.encoder_id, location.server_id, Stamp.decode(location.epoch),
+                    location.seq, location.state)
+
+
+def _record_to_wire(update: Update) -> p.RecordUpdate:
+    return p.RecordUpdate(
+        update.table, update.key,
+        update.deleted.encode() if update.deleted is not None else "",
+        tuple(p.Field(name, p.encode_value(value), stamp.encode())
+              for name, (value, stamp) in update.fields.items()),
+    )
+
+
+def _record_from_wire(record: p.RecordUpdate) -> Update:
+    return Update(
+        record.table, record.key,
+        {f.name: (p.decode_value(f.value), Stamp.decode(f.stamp)) for f in record.fields},
+        Stamp.decode(record.deleted_stamp) if record.deleted_stamp else None,
+    )
