@@ -35,11 +35,22 @@ def test_server_lost_takes_its_encoders_offline() -> None:
     d.apply(loc("s1", 100, 0, ON, "a"))
     d.apply(loc("s2", 100, 0, ON, "b"))
     changed = d.server_lost("s1")
-    assert [c.encoder_id for c in changed] == ["a"]
+    assert [(c.encoder_id, c.state) for c in changed] == [("a", OFF)]
     assert d.where("a") is None and d.where("b") is not None
     # When the encoder registers again elsewhere, that wins.
     assert d.apply(loc("s2", 300, 0, ON, "a"))
     assert d.where("a").server_id == "s2"
+
+
+def test_a_server_wrongly_declared_dead_comes_back() -> None:
+    d = Directory("s3")
+    d.apply(loc("s1", 100, 0, ON))
+    d.server_lost("s1")
+    assert d.where("cam") is None
+    # It re-announces its registration (next seq) when the link is back.
+    assert d.apply(loc("s1", 100, 1, STREAMING))
+    d.server_back("s1")
+    assert d.where("cam") == loc("s1", 100, 1, STREAMING)
 
 
 @st.composite

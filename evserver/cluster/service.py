@@ -266,6 +266,7 @@ class ClusterService(Service):
             self.core.server_lost(server_id)
             self._push_server_list()
         elif new_state == PeerState.ALIVE:
+            self.core.server_back(server_id)
             self._push_server_list()
 
     # -- connections -----------------------------------------------------
@@ -415,7 +416,7 @@ def _wire_state(state: PeerState) -> int:
         PeerState.SUSPECT: p.MemberState.SUSPECT,
         PeerState.DEAD: p.MemberState.DEAD,
         PeerState.LEFT: p.MemberState.LEFT,
-    }.get(state, p.MemberState.DEAD)
+    }.get(state, p.MemberState.CONNECTING)
 
 
 def _to_wire(location: Location) -> p.Location:

@@ -55,6 +55,9 @@ class Directory:
     def __init__(self, server_id: str) -> None:
         self.server_id = server_id
         self.entries: dict[str, Location] = {}
+        #: Servers declared dead: their entries are hidden, not rewritten, so
+        #: that their own announcements apply again when they come back.
+        self.lost: set[str] = set()
 
     def apply(self, location: Location) -> bool:
         """Merge one announcement; return whether the encoder's visible location changed."""
@@ -68,24 +71,36 @@ class Directory:
             # A server can only take back its own registration.
             return False
         self.entries[location.encoder_id] = location
-        return (location.server_id, location.state) != (current.server_id, current.state)
+        return (location.server_id, location.state) != (current.server_id, current.state) or (
+            current.server_id in self.lost)
 
     def where(self, encoder_id: str) -> Location | None:
         """The encoder's location if it is online somewhere, else None."""
         entry = self.entries.get(encoder_id)
-        return entry if entry is not None and entry.online else None
+        if entry is None or not entry.online or entry.server_id in self.lost:
+            return None
+        return entry
 
     def server_lost(self, server_id: str) -> list[Location]:
-        """A server is dead: its encoders are offline.  Returns the entries changed."""
-        changed = []
-        for encoder_id, entry in list(self.entries.items()):
-            if entry.server_id == server_id and entry.online:
-                offline = attrs.evolve(entry, seq=entry.seq + 1, state=EncoderState.OFFLINE)
-                self.entries[encoder_id] = offline
-                changed.append(offline)
-        return changed
+        """A server is dead: its encoders are offline.  Returns them, as offline."""
+        if server_id in self.lost or server_id == self.server_id:
+            return []
+        self.lost.add(server_id)
+        return [attrs.evolve(entry, state=EncoderState.OFFLINE)
+                for entry in self.entries.values()
+                if entry.server_id == server_id and entry.online]
+
+    def server_back(self, server_id: str) -> list[Location]:
+        """A server declared dead is alive again: its entries count again."""
+        if server_id not in self.lost:
+            return []
+        self.lost.discard(server_id)
+        return [entry for entry in self.entries.values()
+                if entry.server_id == server_id and entry.online]
 
     def hosted_by(self, server_id: str) -> list[Location]:
+        if server_id in self.lost:
+            return []
         return [e for e in self.entries.values() if e.server_id == server_id and e.online]
 
     def snapshot(self) -> list[Location]:

@@ -468,6 +468,11 @@ class RelayCore:
         for viewer in self.viewers:
             viewer.link.send(msg)
 
+    def server_back(self, server_id: str) -> None:
+        """A peer declared dead is alive again."""
+        for location in self.locations.server_back(server_id):
+            self._notify_remote(location)
+
     def reannounce(self) -> list[Location]:
         """Every local registration again (for a peer that just (re)connected)."""
         out = []
