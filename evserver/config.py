@@ -169,8 +169,10 @@ class ServerConfig:
 
     tls: bool = True
 
-    keepalive_interval: float = attrs.field(default=1.0, validator=_positive)
-    keepalive_timeout: float = attrs.field(default=3.0, validator=_positive)
+    # A client notices a silent server within the timeout (the failover
+    # budget gives that 1.5 s).
+    keepalive_interval: float = attrs.field(default=0.5, validator=_positive)
+    keepalive_timeout: float = attrs.field(default=1.5, validator=_positive)
     max_control_frame: int = attrs.field(default=64 * 1024, validator=_positive)
     max_media_frame: int = attrs.field(default=4 * MiB, validator=_positive)
     viewer_queue_bytes: int = attrs.field(default=8 * MiB, validator=_positive)

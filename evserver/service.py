@@ -22,6 +22,7 @@ from evserver.net.server import (
     ServerFactory,
     ServerSettings,
     ViewerControl,
+    relay_settings,
 )
 from evserver.startup import fatal_startup_error
 from evserver.state.relay import Limits, RelayCore
@@ -121,7 +122,8 @@ class RelayServerService(MultiService):
             ("viewer control", ViewerControl, config.viewer_endpoint),
             ("video relay", Relay, config.relay_endpoint),
         ):
-            factory = ServerFactory(cls, self.core, self.auth, self.settings, reactor)
+            settings = relay_settings(self.settings) if cls is Relay else self.settings
+            factory = ServerFactory(cls, self.core, self.auth, settings, reactor)
             self.factories[name] = factory
             served: Any = factory if tls is None else wrap_server_factory(factory, tls)
             ListenerService(name, endpoint, served, reactor).setServiceParent(self)

@@ -71,7 +71,7 @@ def test_server_config_defaults(tmp_path: Path) -> None:
     assert (config.external_encoder_port, config.external_viewer_port) == (5510, 5520)
     assert (config.external_relay_port, config.external_admin_port) == (5530, 9443)
     assert config.tls is True
-    assert (config.keepalive_interval, config.keepalive_timeout) == (1.0, 3.0)
+    assert (config.keepalive_interval, config.keepalive_timeout) == (0.5, 1.5)
     assert config.max_control_frame == 65536
     assert config.max_media_frame == 4 * 1024 * 1024
     assert config.viewer_queue_bytes == 8 * 1024 * 1024
@@ -96,7 +96,7 @@ def test_server_config_external_port_follows_endpoint_unless_given(tmp_path: Pat
     [
         ({"server_id": "has space"}, "server id"),
         ({"keepalive_interval": 0}, "keepalive_interval must be positive"),
-        ({"keepalive_timeout": 1.0}, "keepalive_timeout"),
+        ({"keepalive_timeout": 0.5}, "keepalive_timeout"),
         ({"stop_linger": -1}, "stop_linger must not be negative"),
         ({"external_encoder_port": 70000}, "port number"),
         ({"external_host": "bad host!"}, "neither an IP address nor a valid host name"),

@@ -305,7 +305,9 @@ class _ReconnectingClient:
         if isinstance(conn, RelayConnection):
             if isinstance(msg, m.RelayOk):
                 self.relay = conn
-                conn.start_keepalive(self.keepalive_interval(), 3 * self.keepalive_interval())
+                # Slower than the control connection, which notices a dead server.
+                interval = 3 * self.keepalive_interval()
+                conn.start_keepalive(interval, 3 * interval)
                 self._relay_ready()
             return
         if isinstance(msg, m.ServerList):

@@ -42,9 +42,19 @@ _MEDIA_FLAGS_AT = 5  # offset of the flags byte in a media body
 class ServerSettings:
     max_control_frame: int = 64 * 1024
     max_media_frame: int = 4 * 1024 * 1024
-    keepalive_interval: float = 1.0
-    keepalive_timeout: float = 3.0
+    keepalive_interval: float = 0.5
+    keepalive_timeout: float = 1.5
     auth_timeout: float = 10.0
+
+
+def relay_settings(settings: ServerSettings) -> ServerSettings:
+    """The settings of the relay port: a slower keepalive.
+
+    The control connection tells a dead peer first; the relay connection's
+    keepalive only needs to catch a half-dead one.
+    """
+    return attrs.evolve(settings, keepalive_interval=3 * settings.keepalive_interval,
+                        keepalive_timeout=3 * settings.keepalive_timeout)
 
 
 class Authenticator:

@@ -16,6 +16,7 @@ from evserver.net.server import (
     ServerFactory,
     ServerSettings,
     ViewerControl,
+    relay_settings,
 )
 from evserver.state.relay import Limits, RelayCore
 from evserver.store import Store
@@ -47,7 +48,8 @@ class MemoryServer:
                                         net.clock),
             VIEWER_PORT: ServerFactory(ViewerControl, self.core, self.auth, self.settings,
                                        net.clock),
-            RELAY_PORT: ServerFactory(Relay, self.core, self.auth, self.settings, net.clock),
+            RELAY_PORT: ServerFactory(Relay, self.core, self.auth,
+                                      relay_settings(self.settings), net.clock),
         }
         for port, factory in self.factories.items():
             net.listen(host, port, factory)
