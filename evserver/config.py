@@ -169,6 +169,12 @@ class ServerConfig:
 
     tls: bool = True
 
+    #: Join a cluster at start (a member's peer address and a token from it).
+    join_address: str | None = None
+    join_token: str | None = None
+    #: The most servers a cluster may have (the article's limit is four).
+    max_servers: int = attrs.field(default=4, validator=_positive)
+
     # A client notices a silent server within the timeout (the failover
     # budget gives that 1.5 s).
     keepalive_interval: float = attrs.field(default=0.5, validator=_positive)

@@ -55,13 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     domain.required = True
     msr = groups.add_parser("msr", help="multi-site resilience (the cluster)").add_subparsers(
-        dest="command", metavar="{enable,status,provision}"
+        dest="command", metavar="{enable,token,status,provision}"
     )
     msr.required = True
     p = msr.add_parser("enable", help="make this standalone server a cluster of one, in place")
     p.add_argument("--host", action="append", default=[], metavar="NAME",
                    help="a host name or address of this server for its certificate "
                         "(repeatable; default: 127.0.0.1 and localhost)")
+    p = msr.add_parser("token", help="mint a single-use token that admits one new server")
+    p.add_argument("--peer", metavar="HOST:PORT",
+                   help="this member's peer address as the new server reaches it "
+                        "(default: the address the running server advertises)")
+    p.add_argument("--lifetime", type=int, default=86400, metavar="SECONDS",
+                   help="how long the token stays valid (default: 86400)")
     p = msr.add_parser("status", help="show this server's cluster identity and members")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = msr.add_parser(
@@ -204,6 +210,32 @@ class _Ctl:
                    f"this server {identity.server_id}")
         self.print("a running server starts its cluster service within a few seconds, "
                    "keeping its data and clients")
+
+    def msr_token(self, store: Store) -> None:
+        from evserver.cluster.ca import ClusterError, load_identity
+        from evserver.cluster.join import mint
+
+        data_dir = Path(self.args.data)
+        try:
+            identity = load_identity(data_dir)
+        except ClusterError as e:
+            raise CtlError(str(e)) from None
+        if identity is None or identity.ca_key is None:
+            raise CtlError("this server is not a cluster member holding the authority key: "
+                           "run 'msr enable' first")
+        peer = self.args.peer
+        if peer is None:
+            try:
+                own = json.loads((data_dir / "cluster" / "self.json").read_text("utf-8"))
+                peer = f"{own['address']['peer_host']}:{own['address']['peer_port']}"
+            except (OSError, ValueError, KeyError) as e:
+                raise CtlError("the server has not advertised its peer address yet "
+                               f"(is it running?): give --peer HOST:PORT ({e})") from None
+        try:
+            token = mint(identity, data_dir, peer, self.args.lifetime)
+        except ClusterError as e:
+            raise CtlError(str(e)) from None
+        self.print(token.encode())
 
     def msr_status(self, store: Store) -> None:
         from evserver.cluster.ca import ClusterError, load_identity

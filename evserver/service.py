@@ -143,7 +143,37 @@ class RelayServerService(MultiService):
         # restart and without dropping a client.
         self._cluster_watch = LoopingCall(self.check_cluster)
         self._cluster_watch.clock = self.reactor
-        self._cluster_watch.start(CLUSTER_CHECK_INTERVAL, now=True)
+        if self.config.join_token and not (self.config.data_dir / "cluster").exists():
+            self._join()
+        else:
+            self._cluster_watch.start(CLUSTER_CHECK_INTERVAL, now=True)
+
+    def _join(self) -> None:
+        from evserver.cluster.join import join
+
+        c = self.config
+        assert c.join_token is not None
+        log.info("joining the cluster of the token given...")
+        d = join(self.reactor, c.data_dir, c.server_id, c.join_token, self._peer_address(),
+                 _hostnames(c.external_host), c.join_address)
+
+        def joined(identity: Any) -> None:
+            log.info("joined cluster {cluster_id}", cluster_id=identity.cluster_id)
+            if self._cluster_watch is not None:
+                self._cluster_watch.start(CLUSTER_CHECK_INTERVAL, now=True)
+
+        def failed(failure: Any) -> None:
+            fatal_startup_error(f"cannot join the cluster: {failure.getErrorMessage()}")
+
+        d.addCallbacks(joined, failed)
+
+    def _peer_address(self) -> Any:
+        from evserver.wire import peer as p
+
+        c = self.config
+        return p.ExternalAddress(c.external_host, c.external_encoder_port,
+                                 c.external_viewer_port, c.external_relay_port,
+                                 c.external_admin_port, c.external_host, c.external_peer_port)
 
     def check_cluster(self) -> None:
         if self.cluster is not None:
@@ -161,15 +191,11 @@ class RelayServerService(MultiService):
 
     def start_cluster(self, identity: Any) -> None:
         from evserver.cluster.service import ClusterService
-        from evserver.wire import peer as p
 
         c = self.config
-        address = p.ExternalAddress(c.external_host, c.external_encoder_port,
-                                    c.external_viewer_port, c.external_relay_port,
-                                    c.external_admin_port, c.external_host,
-                                    c.external_peer_port)
-        self.cluster = ClusterService(identity, c.data_dir, address, c.peer_endpoint,
-                                      self.core, self.store, self.reactor)
+        self.cluster = ClusterService(identity, c.data_dir, self._peer_address(),
+                                      c.peer_endpoint, self.core, self.store, self.reactor,
+                                      max_servers=c.max_servers)
         self.cluster.setServiceParent(self)
         log.info("multi-site resilience: member {server_id} of cluster {cluster_id}",
                  server_id=identity.server_id, cluster_id=identity.cluster_id)

@@ -119,6 +119,13 @@ class Options(usage.Options):
             [option, None, str(default_of(field)), _NUMBER_HELP[option]]
             for option, (field, _type, _unit, _zero) in _NUMBERS.items()
         ),
+        ["join", None, None,
+         "Join a cluster at first start through this member's peer address (HOST:PORT; "
+         "default: the address in the token)."],
+        ["join-token", None, None,
+         "The join token (from 'evserver-ctl msr token' on a member)."],
+        ["max-servers", None, str(default_of("max_servers")),
+         "The most servers this cluster admits (when this server admits new ones)."],
     ]
 
     server_config: ServerConfig
@@ -185,6 +192,22 @@ class Options(usage.Options):
                 f"--keepalive-timeout ({values['keepalive_timeout']}) must be longer than "
                 f"--keepalive-interval ({values['keepalive_interval']})"
             )
+
+        if self["join"] is not None and self["join-token"] is None:
+            raise usage.UsageError("--join needs --join-token (from 'evserver-ctl msr token')")
+        if self["join-token"] is not None:
+            from evserver.cluster.tokens import JoinToken, TokenError, parse_address
+
+            try:
+                JoinToken.decode(self["join-token"])
+                if self["join"] is not None:
+                    parse_address(self["join"])
+            except TokenError as e:
+                raise usage.UsageError(f"--join/--join-token: {e}") from None
+            values["join_address"] = self["join"]
+            values["join_token"] = self["join-token"]
+        values["max_servers"] = _parse_number("max-servers", self["max-servers"], int,
+                                              "servers", False)
 
         data_dir = prepare_data_dir(self["data"])
         try:

@@ -45,6 +45,7 @@ from evserver.wire.framing import ErrorCode
 log = Logger()
 
 MEMBERS_FILE = "members.json"
+SELF_FILE = "self.json"
 ANTI_ENTROPY_INTERVAL = 10.0
 
 
@@ -70,8 +71,10 @@ class ClusterService(Service):
     def __init__(self, identity: ClusterIdentity, data_dir: Path, address: p.ExternalAddress,
                  peer_endpoint: str, core: Any, store: Any, reactor: Any,
                  settings: MembershipSettings | None = None,
-                 connector: Any = None, listen: Any = None) -> None:
+                 connector: Any = None, listen: Any = None, max_servers: int = 4) -> None:
         self.identity = identity
+        self.max_servers = max_servers
+        self.joiner: Any = None
         self.cluster_id = identity.cluster_id
         self.server_id = identity.server_id
         self.data_dir = data_dir
@@ -100,7 +103,11 @@ class ClusterService(Service):
 
     def startService(self) -> None:
         super().startService()
+        from evserver.cluster.join import Admissions
+
+        self.joiner = Admissions(self, self.max_servers)
         self._load_members()
+        self._save_self()
         self.core.servers = self.servers
         self.core.on_announce = self._announce
         if hasattr(self.store, "subscribe"):
@@ -159,6 +166,15 @@ class ClusterService(Service):
                 self.members[item["server_id"]] = MemberRecord(
                     item["server_id"], _address_from_json(item["address"]),
                     int(item.get("incarnation", 0)))
+
+    def _save_self(self) -> None:
+        """This member's own address, for ``evserver-ctl msr token`` and status."""
+        path = cluster_dir(self.data_dir) / SELF_FILE
+        tmp = path.with_name(f".{SELF_FILE}.{os.getpid()}")
+        tmp.write_text(json.dumps({"server_id": self.server_id,
+                                   "address": _address_to_json(self.address)}, indent=1),
+                       encoding="utf-8")
+        tmp.replace(path)
 
     def _save_members(self) -> None:
         path = self._members_path()
@@ -399,11 +415,10 @@ class ClusterService(Service):
     # -- joining ---------------------------------------------------------
 
     def join_request(self, conn: PeerConnection, msg: p.JoinRequest) -> None:
-        joiner = getattr(self, "joiner", None)
-        if joiner is None:
+        if self.joiner is None:
             conn.fail(ErrorCode.BAD_TOKEN, "this server does not admit new members")
             return
-        joiner(conn, msg)
+        self.joiner(conn, msg)
 
 
 def _wall_us() -> int:
