@@ -126,6 +126,11 @@ class Admissions:
             conn.fail(ErrorCode.CLUSTER_FULL,
                       f"the cluster already has its maximum of {self.max_servers} servers")
             return
+        if msg.server_id in cluster.removed:
+            conn.fail(ErrorCode.REMOVED,
+                      f"server {msg.server_id!r} was removed from this cluster; start it "
+                      f"with a fresh data directory to join again")
+            return
         if msg.server_id == cluster.server_id or msg.server_id in cluster.members:
             conn.fail(ErrorCode.SERVER_ID_IN_USE,
                       f"server id {msg.server_id!r} is already a member (a copied data "

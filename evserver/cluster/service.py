@@ -87,6 +87,8 @@ class ClusterService(Service):
         self.incarnation = int(time.time() * 1_000_000)
         self.membership = Membership(self.server_id, self, reactor, settings)
         self.members: dict[str, MemberRecord] = {}
+        #: Servers removed from the cluster: refused until re-admitted with a token.
+        self.removed: set[str] = set()
         self.connections: dict[str, PeerConnection] = {}
         self._connecting: set[str] = set()
         self._digests: dict[str, dict[tuple[str, str], bytes]] = {}
@@ -162,6 +164,9 @@ class ClusterService(Service):
         except (OSError, ValueError):
             data = []
         for item in data:
+            if item.get("removed"):
+                self.removed.add(str(item.get("server_id")))
+                continue
             if item.get("server_id") and item["server_id"] != self.server_id:
                 self.members[item["server_id"]] = MemberRecord(
                     item["server_id"], _address_from_json(item["address"]),
@@ -182,13 +187,14 @@ class ClusterService(Service):
         tmp.write_text(json.dumps([
             {"server_id": r.server_id, "address": _address_to_json(r.address),
              "incarnation": r.incarnation} for r in self.members.values()
-        ], indent=1), encoding="utf-8")
+        ] + [{"server_id": sid, "removed": True} for sid in sorted(self.removed)],
+            indent=1), encoding="utf-8")
         tmp.replace(path)
 
     def add_member(self, server_id: str, address: p.ExternalAddress,
                    incarnation: int = 0) -> None:
         """A member we did not know (told by a peer, or a new joiner)."""
-        if server_id == self.server_id:
+        if server_id == self.server_id or server_id in self.removed:
             return
         record = self.members.get(server_id)
         if record is None:
@@ -200,6 +206,26 @@ class ClusterService(Service):
         elif record.address != address:
             record.address = address
             self._save_members()
+
+    def remove_member(self, server_id: str, tell_peers: bool = True) -> bool:
+        """Remove a server from the cluster (it must be re-admitted with a token to return)."""
+        if server_id not in self.members:
+            return False
+        del self.members[server_id]
+        self.removed.add(server_id)
+        self._save_members()
+        if server_id in self.membership:
+            self.membership.remove_member(server_id)
+        conn = self.connections.pop(server_id, None)
+        if conn is not None:
+            conn.fail(ErrorCode.REMOVED, "this server was removed from the cluster")
+        self.core.server_lost(server_id)
+        if tell_peers:
+            for peer in self.connections.values():
+                peer.send(p.Leave(server_id))
+        self._push_server_list()
+        log.info("server {server_id} removed from the cluster", server_id=server_id)
+        return True
 
     def member_list(self) -> p.MemberList:
         states = self.membership.view()
@@ -292,6 +318,9 @@ class ClusterService(Service):
         sid = conn.peer_id
         assert sid is not None
         self._connecting.discard(sid)
+        if sid in self.removed:
+            conn.fail(ErrorCode.REMOVED, "this server was removed from the cluster")
+            return False
         hello = conn.peer_hello
         existing = self.connections.get(sid)
         if existing is not None and existing is not conn and existing.connected:
@@ -341,6 +370,11 @@ class ClusterService(Service):
             for member in msg.members:
                 if member.server_id != self.server_id and member.state != p.MemberState.LEFT:
                     self.add_member(member.server_id, member.address, member.incarnation)
+        elif isinstance(msg, p.Leave):
+            if msg.server_id == self.server_id:
+                log.warn("this server was removed from the cluster by {sid}", sid=sid)
+            else:
+                self.remove_member(msg.server_id, tell_peers=False)
         elif isinstance(msg, p.Directory):
             self.core.remote_locations([_from_wire(loc) for loc in msg.locations])
         elif isinstance(msg, p.Updates):
