@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import endpoints
+from twisted.internet import endpoints, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from evserver.admin import ReloadingTLSOptions, make_admin_site
 from evserver.config import ServerConfig
@@ -54,6 +56,7 @@ class ListenerService(Service):
         self._listen()
 
     def startService(self) -> None:
+        self.auth_pool.start()
         super().startService()
         self._listen()
 
@@ -109,7 +112,15 @@ class RelayServerService(MultiService):
                 stop_linger=config.stop_linger,
             ),
         )
-        self.auth = Authenticator(self.store)
+        # Password checks (scrypt: ~0.1 s of CPU, 16 MiB each) get a pool of
+        # their own, at most one thread per spare core, so a burst of logins
+        # neither starves the reactor's pool nor grows memory per thread.
+        self.auth_pool = ThreadPool(minthreads=0, maxthreads=max(1, (os.cpu_count() or 2) - 1),
+                                    name="evserver-auth")
+        self.auth = Authenticator(
+            self.store,
+            defer_to_thread=lambda f, *a: threads.deferToThreadPool(reactor, self.auth_pool,
+                                                                    f, *a))
         self.started_at = reactor.seconds()
         # The certificate is made even with --plain: the admin site is HTTPS
         # only.  It is re-read, for every port, when its files change.
@@ -128,7 +139,7 @@ class RelayServerService(MultiService):
             served: Any = factory if tls is None else wrap_server_factory(factory, tls)
             ListenerService(name, endpoint, served, reactor).setServiceParent(self)
         self.admin_site = make_admin_site(self.store, self.core, config, reactor,
-                                          self.started_at)
+                                          self.started_at, service=self)
         ListenerService("admin web site", config.admin_endpoint,
                         wrap_server_factory(self.admin_site, self.tls_options),
                         reactor).setServiceParent(self)
@@ -206,6 +217,8 @@ class RelayServerService(MultiService):
                              c.external_viewer_port, c.external_relay_port),)
 
     def stopService(self) -> Deferred[None] | None:
+        if self.auth_pool.started:
+            self.auth_pool.stop()
         if self._cluster_watch is not None and self._cluster_watch.running:
             self._cluster_watch.stop()
         self.core.shutdown()

@@ -285,8 +285,33 @@ def makeService(options: Options) -> IService:
 
     from evserver.service import build_service
 
+    raise_file_limit()
     service: IService = build_service(config_from_options(options), reactor)
     return service
+
+
+def raise_file_limit(wanted: int = 65536) -> int:
+    """Raise the soft limit of open files towards the hard one; return the new soft limit.
+
+    Every encoder takes two connections; the usual soft limit of 1024 would
+    stop a server at about 500 encoders.
+    """
+    import resource
+
+    from twisted.logger import Logger
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < 4096:
+        Logger().warn("open file limit is {soft}: at most about {n} encoders",
+                      soft=soft, n=soft // 2)
+    return soft
 
 
 __all__ = ["Options", "config_from_options", "makeService", "prepare_data_dir"]
