@@ -4,12 +4,18 @@ Requests are raw HTTP bytes fed to the real ``Site`` (``make_admin_site``)
 over a StringTransport, so every header, cookie and body is under the test's
 control; password hashing and checking run synchronously (injected
 ``defer_to_thread``) with cheap scrypt parameters; time is a ``Clock``.
+
+The running server is a :class:`FakeHost`: ``check_cluster()`` finds the
+identity that enabling wrote to the data directory (really written, by
+``evserver.cluster.provision.enable``) and makes a :class:`FakeCluster` of it,
+whose members, states, measurements and loads each test sets.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
@@ -33,10 +39,19 @@ from evserver.admin import ReloadingTLSOptions, make_admin_site
 from evserver.admin.auth import LOGIN_COOKIE, SESSION_COOKIE
 from evserver.admin.site import AdminSite
 from evserver.admin.web import MAX_BODY_BYTES
+from evserver.cluster.ca import ClusterIdentity, create_cluster, load_identity
+from evserver.cluster.join import load_tokens
+from evserver.cluster.service import ClusterService, MemberRecord
+from evserver.cluster.tokens import JoinToken, check_token
 from evserver.config import ServerConfig
 from evserver.passwords import hash_password
+from evserver.state.directory import Location
+from evserver.state.hlc import Stamp
+from evserver.state.membership import PeerState, PeerView
 from evserver.state.relay import Limits, RelayCore
 from evserver.store import Store
+from evserver.wire import peer as p
+from evserver.wire.messages import EncoderState
 
 T0 = 1_700_000_000.0
 ADMIN_PASSWORD = "correct horse battery"
@@ -202,6 +217,78 @@ class FakeSink:
 
 
 @attrs.define
+class FakeMembership:
+    """The part of ``Membership`` the admin site reads."""
+
+    views: dict[str, PeerView] = attrs.Factory(dict)
+    warned: dict[str, list[str]] = attrs.Factory(dict)
+
+    def view(self) -> dict[str, PeerView]:
+        return dict(sorted(self.views.items()))
+
+    def warnings(self, server_id: str) -> list[str]:
+        return list(self.warned.get(server_id, []))
+
+    def __contains__(self, server_id: object) -> bool:
+        return server_id in self.views
+
+
+class FakeCluster:
+    """A ClusterService's attributes as the admin site reads them, with a real identity."""
+
+    def __init__(self, identity: ClusterIdentity, config: ServerConfig) -> None:
+        self.identity = identity
+        self.cluster_id = identity.cluster_id
+        self.server_id = identity.server_id
+        self.data_dir = config.data_dir
+        self.max_servers = config.max_servers
+        self.address = p.ExternalAddress(
+            config.external_host, config.external_encoder_port, config.external_viewer_port,
+            config.external_relay_port, config.external_admin_port, config.external_host,
+            config.external_peer_port)
+        self.members: dict[str, MemberRecord] = {}
+        self.connections: dict[str, object] = {}
+        self.loads: dict[str, p.Load] = {}
+        self.membership = FakeMembership()
+        self.removed: list[str] = []
+
+    def add(self, server_id: str, state: PeerState, host: str = "192.0.2.20",
+            admin_port: int = 9443, rtt: float | None = None, offset: float | None = None,
+            load: p.Load | None = None, warnings: tuple[str, ...] = ()) -> None:
+        self.members[server_id] = MemberRecord(
+            server_id, p.ExternalAddress(host, 5510, 5520, 5530, admin_port, host, 47100), 7)
+        self.membership.views[server_id] = PeerView(state, 7, rtt, offset)
+        self.membership.warned[server_id] = list(warnings)
+        if state in (PeerState.ALIVE, PeerState.SUSPECT):
+            self.connections[server_id] = object()
+        if load is not None:
+            self.loads[server_id] = load
+
+    def remove_member(self, server_id: str, tell_peers: bool = True) -> bool:
+        self.removed.append(server_id)
+        del self.members[server_id]
+        self.membership.views.pop(server_id, None)
+        self.connections.pop(server_id, None)
+        return True
+
+
+class FakeHost:
+    """The running server (RelayServerService) as the admin site uses it."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.cluster: FakeCluster | None = None
+        self.checks = 0
+
+    def check_cluster(self) -> None:
+        self.checks += 1
+        if self.cluster is None:
+            identity = load_identity(self.config.data_dir, self.config.server_id)
+            if identity is not None:
+                self.cluster = FakeCluster(identity, self.config)
+
+
+@attrs.define
 class World:
     clock: Clock
     store: Store
@@ -209,6 +296,12 @@ class World:
     config: ServerConfig
     site: Any
     tmp: Path
+    host: FakeHost
+
+    @property
+    def cluster(self) -> FakeCluster:
+        assert self.host.cluster is not None, "multi-site resilience is not enabled"
+        return self.host.cluster
 
     @property
     def admin(self) -> AdminSite:
@@ -237,10 +330,12 @@ def build_world(tmp: Path, **config: Any) -> World:
     clock.advance(T0)
     store = Store(tmp / "evserver.sqlite3", clock=clock.seconds, password_hasher=fast_hash)
     core = RelayCore(clock, "srv-1", store, lambda: (), Limits())
+    (tmp / "server-id").write_text("srv-1\n", encoding="ascii")
     cfg = ServerConfig(data_dir=tmp, server_id="srv-1", **config)
-    site = make_admin_site(store, core, cfg, clock, T0 - 3725,
+    host = FakeHost(cfg)
+    site = make_admin_site(store, core, cfg, clock, T0 - 3725, service=host,
                            defer_to_thread=sync_thread, password_hasher=fast_hash)
-    return World(clock, store, core, cfg, site, tmp)
+    return World(clock, store, core, cfg, site, tmp, host)
 
 
 @pytest.fixture
@@ -280,7 +375,11 @@ def test_route_table_covers_the_pages_and_the_api(world: World) -> None:
     assert len(paths) >= 40
     for expected in [("GET", "/"), ("GET", "/settings"), ("GET", "/servers/srv-1"),
                      ("GET", "/audit"), ("GET", "/api/servers"), ("POST", "/api/domains"),
-                     ("DELETE", "/api/encoders/cam-1"), ("PATCH", "/api/accounts/root")]:
+                     ("DELETE", "/api/encoders/cam-1"), ("PATCH", "/api/accounts/root"),
+                     ("GET", "/msr"), ("POST", "/msr/enable"), ("POST", "/msr/tokens"),
+                     ("POST", "/msr/servers/srv-1/remove"), ("GET", "/api/servers/srv-1"),
+                     ("DELETE", "/api/servers/srv-1"), ("GET", "/api/msr"),
+                     ("POST", "/api/msr/enable"), ("POST", "/api/msr/tokens")]:
         assert expected in paths
     assert sorted(route_paths(world.admin, public=True)) == [
         ("GET", "/favicon.ico"), ("GET", "/login"), ("GET", "/static/x"), ("POST", "/api/login"),
@@ -568,9 +667,10 @@ def test_settings_page_lists_every_setting_and_says_standalone(world: World,
     page = client.get("/settings").text
     for field in attrs.fields(ServerConfig):
         assert f"<code>{field.name}</code>" in page
-    assert ("This server is standalone: multi-site resilience (clustering) is not available "
-            "in this version.") in page
-    assert "<button" not in page.split('id="multi-site"')[1]
+    section = page.split('id="multi-site"')[1]
+    assert "This server is standalone: multi-site resilience is not enabled." in section
+    assert '<a href="/msr" class="button-link">Multi-site resilience</a>' in section
+    assert "<button" not in section
 
 
 def test_settings_page_shows_the_certificate(world: World, client: Client) -> None:
@@ -608,7 +708,7 @@ def test_api_reports_server_load_encoders_and_viewers(world: World, client: Clie
     assert server["load"] == {"encoders_online": 1, "encoders_streaming": 1, "viewers": 1,
                               "channels": 1}
     assert server["uptime"] == pytest.approx(3725)
-    assert server["cluster"] == {"enabled": False, "servers": 1}
+    assert server["cluster"] == {"enabled": False, "servers": 1, "cluster_id": None}
     servers = client.api("GET", "/api/servers").json()["servers"]
     assert [(s["server_id"], s["state"], s["address"]) for s in servers] == [
         ("srv-1", "alive", "127.0.0.1")]
@@ -628,8 +728,8 @@ def test_api_reports_server_load_encoders_and_viewers(world: World, client: Clie
 
 def test_pages_render_for_every_record(world: World, client: Client) -> None:
     world.store.add_encoder("ops", "cam-1", "Front door")
-    for path in ("/", "/settings", "/servers/srv-1", "/domains", "/domains/ops", "/accounts",
-                 "/accounts/root", "/encoders", "/encoders/cam-1", "/audit"):
+    for path in ("/", "/settings", "/servers/srv-1", "/msr", "/domains", "/domains/ops",
+                 "/accounts", "/accounts/root", "/encoders", "/encoders/cam-1", "/audit"):
         reply = client.get(path)
         assert reply.status == 200, path
         assert reply.header("content-type") == "text/html; charset=utf-8"
@@ -814,7 +914,8 @@ class Markup(HTMLParser):
 OUR_TAGS = {"html", "head", "meta", "title", "link", "script", "body", "header", "div", "a",
             "span", "code", "nav", "ul", "li", "form", "input", "button", "main", "h1", "h2",
             "p", "section", "dl", "dt", "dd", "table", "thead", "tbody", "tr", "th", "td",
-            "footer", "label", "select", "option", "small", "strong", "pre", "caption"}
+            "footer", "label", "select", "option", "small", "strong", "pre", "caption",
+            "template"}
 
 
 def assert_inert(html: str, payload: str, shown: bool = True) -> None:
@@ -830,7 +931,8 @@ def assert_inert(html: str, payload: str, shown: bool = True) -> None:
                             "data-link", "data-live-src", "data-live-key", "data-live-list",
                             "data-live-items", "data-empty", "data-confirm", "hidden", "for",
                             "required", "autocomplete", "selected", "role", "aria-invalid",
-                            "aria-describedby"}, (tag, name)
+                            "aria-describedby", "data-template", "data-otherwise",
+                            "data-live-format"}, (tag, name)
         if tag == "script":
             assert attributes == [("src", "/static/live.js"), ("defer", "defer")]
     if shown:
@@ -1146,3 +1248,373 @@ def test_openapi_schemas_name_the_fields_the_api_sends(world: World, client: Cli
     assert set(client.api("GET", "/api/accounts").json()["accounts"][0]) == keys("Account")
     assert set(client.api("GET", "/api/audit").json()["entries"][0]) == keys("AuditEntry")
     assert set(client.api("GET", "/api/server").json()["load"]) == keys("Load")
+
+
+# -- multi-site resilience -------------------------------------------------------------
+
+
+def audit_actions(world: World) -> list[tuple[str, str, str, str]]:
+    return [(e.actor, e.server_id, e.action, e.target) for e in world.store.list_audit(1000)
+            if e.action.startswith("msr.")]
+
+
+def enabled_world(world: World, client: Client) -> FakeCluster:
+    assert client.api("POST", "/api/msr/enable").status == 200
+    return world.cluster
+
+
+def test_a_standalone_server_offers_to_enable_multi_site_resilience(world: World,
+                                                                      client: Client) -> None:
+    page = client.get("/msr").text
+    assert "This server is standalone" in page
+    form = page.split('action="/msr/enable"')[1].split("</form>")[0]
+    assert f'name="csrf" value="{client.csrf}"' in form
+    assert "Enable multi-site resilience" in form
+    assert "100 ms" in page and "without port forwarding" in page  # the prerequisites
+    assert "Create join token" not in page
+    assert client.api("GET", "/api/msr").json()["cluster"] == {
+        "enabled": False, "running": False, "cluster_id": None, "ca_fingerprint": None,
+        "servers": 1, "max_servers": 4, "peer_address": "127.0.0.1:47100", "error": None}
+    servers = client.api("GET", "/api/servers").json()["servers"]
+    assert [s["server_id"] for s in servers] == ["srv-1"]
+    assert servers[0]["this"] and servers[0]["state"] == "alive"
+    assert servers[0]["admin_url"] == "https://127.0.0.1:9443/"
+    assert not servers[0]["removable"]
+    # Nothing to remove, nothing to admit through while standalone.
+    assert client.api("DELETE", "/api/servers/srv-2").status == 404
+    reply = client.api("POST", "/api/msr/tokens")
+    assert reply.status == 409 and "enable multi-site resilience first" in reply.json()["error"]
+    assert client.post_form("/msr/tokens").status == 409
+    assert world.host.checks == 0 and not (world.tmp / "cluster").exists()
+    assert audit_actions(world) == []
+
+
+def test_enabling_from_the_page_makes_a_cluster_of_one_in_place(world: World,
+                                                                client: Client) -> None:
+    connect_encoder_and_viewer(world)
+    links = [s.link for s in world.core.encoders.values()] + [
+        v.link for v in world.core.viewers]
+    world.clock.advance(5)
+    reply = client.post_form("/msr/enable")
+    assert reply.status == 303 and reply.location == "/msr"
+    assert world.host.checks == 1
+    identity = load_identity(world.tmp, "srv-1")
+    assert identity is not None and identity.ca_key is not None
+    cluster = world.cluster
+    assert cluster.cluster_id == identity.cluster_id
+    # The clients were not touched: same sessions, nothing sent or closed.
+    assert list(world.core.encoders) == ["cam-1"] and len(world.core.viewers) == 1
+    assert all(link.closed == [] for link in links)
+    page = client.get("/msr").text
+    assert "is now cluster " + identity.cluster_id in page  # the flash, once
+    assert identity.cluster_id in page and identity.fingerprint() in page
+    assert "Create join token" in page and "Enable multi-site resilience" not in page
+    rows = Markup.parse(page.split('data-live-list="servers"')[1].split("</table>")[0])
+    assert "srv-1" in rows.text and "this server" in rows.text
+    assert ("form", [("method", "post"), ("action", "/msr/servers/srv-1/remove"),
+                     ("class", "inline")]) not in rows.tags
+    assert audit_actions(world) == [("root", "srv-1", "msr.enable", identity.cluster_id)]
+    entry = world.store.list_audit(1)[0]
+    assert entry.at == world.clock.seconds()
+    status = client.api("GET", "/api/msr").json()["cluster"]
+    assert status["enabled"] and status["running"] and status["servers"] == 1
+    assert status["cluster_id"] == identity.cluster_id
+    assert status["ca_fingerprint"] == identity.fingerprint()
+    assert client.api("GET", "/api/server").json()["cluster"] == {
+        "enabled": True, "servers": 1, "cluster_id": identity.cluster_id}
+    assert "enabled: a cluster of 1 server" in client.get("/").text
+    assert "Enabled: cluster " + identity.cluster_id in client.get("/settings").text
+    # Enabling twice is refused, by the page and by the API, and not audited.
+    reply = client.post_form("/msr/enable")
+    assert reply.status == 409 and "enabled already" in reply.text
+    reply = client.api("POST", "/api/msr/enable")
+    assert reply.status == 409 and "enabled already" in reply.json()["error"]
+    assert len(audit_actions(world)) == 1
+
+
+def test_enabling_through_the_api(world: World, client: Client) -> None:
+    reply = client.api("POST", "/api/msr/enable", {"force": True})
+    assert reply.status == 400 and reply.json()["field"] == "force"
+    assert not (world.tmp / "cluster").exists()
+    reply = client.api("POST", "/api/msr/enable", raw=b"")
+    assert reply.status == 200
+    data = reply.json()
+    assert data["cluster"]["enabled"] and data["cluster"]["running"]
+    assert [s["server_id"] for s in data["servers"]] == ["srv-1"]
+    assert [a[2] for a in audit_actions(world)] == ["msr.enable"]
+
+
+def test_a_broken_cluster_directory_is_reported_not_overwritten(world: World,
+                                                                client: Client) -> None:
+    (world.tmp / "cluster").mkdir()
+    (world.tmp / "cluster" / "cluster-id").write_text("x\n")
+    status = client.api("GET", "/api/msr").json()["cluster"]
+    assert status["enabled"] and not status["running"]
+    assert "incomplete" in status["error"]
+    page = client.get("/msr").text
+    assert "incomplete" in page and "Enable multi-site resilience" not in page
+    reply = client.api("POST", "/api/msr/enable")
+    assert reply.status == 409 and "already holds a cluster identity" in reply.json()["error"]
+    assert audit_actions(world) == []
+    assert [p.name for p in (world.tmp / "cluster").iterdir()] == ["cluster-id"]
+
+
+def test_a_join_token_is_shown_once_with_the_command(world: World, client: Client) -> None:
+    cluster = enabled_world(world, client)
+    reply = client.post_form("/msr/tokens")
+    assert reply.status == 200
+    token_text = unescape(re.search(r'id="join-token">([^<]+)</code>', reply.text).group(1))
+    command = unescape(re.search(r'id="join-command">([^<]+)</code>', reply.text).group(1))
+    assert command == f"twistd -n evserver --join-token {token_text}"
+    token = JoinToken.decode(token_text)
+    assert token.cluster_id == cluster.cluster_id
+    assert token.ca_fingerprint == cluster.identity.fingerprint()
+    assert token.addresses == ("127.0.0.1:47100",)
+    # The member keeps only a hash: the token admits one server, once.
+    records = load_tokens(world.tmp)
+    assert list(records) == [token.token_id]
+    assert token.secret not in (world.tmp / "cluster" / "tokens.json").read_text()
+    check_token(records[token.token_id], token.token_id, token.secret, lambda: token.expires - 1)
+    assert token_text not in client.get("/msr").text
+    assert audit_actions(world)[0] == ("root", "srv-1", "msr.token", token.token_id)
+    detail = world.store.list_audit(1)[0].detail
+    assert token.secret not in detail and "127.0.0.1:47100" in detail
+    # The API: a lifetime may be given.
+    data = client.api("POST", "/api/msr/tokens", {"lifetime": 3600}).json()
+    api_token = JoinToken.decode(data["token"])
+    assert data["token_id"] == api_token.token_id and data["expires"] == api_token.expires
+    assert data["command"] == f"twistd -n evserver --join-token {data['token']}"
+    assert 3500 < api_token.expires - time.time() <= 3600  # join tokens expire in real time
+    assert sorted(load_tokens(world.tmp)) == sorted([token.token_id, api_token.token_id])
+
+
+@HYPOTHESIS
+@given(body=st.one_of(
+    st.dictionaries(st.sampled_from(["lifetime", "other"]), json_values, max_size=2),
+    st.fixed_dictionaries({"lifetime": st.integers(-10, 3 * 30 * 24 * 3600)})))
+def test_api_join_token_lifetimes_are_validated(world: World, client: Client,
+                                                body: dict[str, Any]) -> None:
+    if world.host.cluster is None:
+        enabled_world(world, client)
+    before = len(load_tokens(world.tmp))
+    reply = client.api("POST", "/api/msr/tokens", body)
+    event(f"status {reply.status}")
+    lifetime = body.get("lifetime")
+    good = set(body) <= {"lifetime"} and ("lifetime" not in body or (
+        type(lifetime) is int and 60 <= lifetime <= 30 * 24 * 3600))
+    if good:
+        assert reply.status == 201, (body, reply)
+        assert len(load_tokens(world.tmp)) == before + 1
+    else:
+        assert reply.status == 400, (body, reply)
+        assert reply.json()["field"] in ("lifetime", "other")
+        assert len(load_tokens(world.tmp)) == before
+
+
+def three_servers(world: World, client: Client) -> FakeCluster:
+    cluster = enabled_world(world, client)
+    cluster.add("srv-2", PeerState.ALIVE, "192.0.2.20", rtt=12.34, offset=-3.21,
+                load=p.Load(4, 2, 9, 0))
+    cluster.add("srv-3", PeerState.SUSPECT, "edge3.example", admin_port=9444, rtt=140.0,
+                offset=620.0, load=p.Load(1, 0, 0, 0),
+                warnings=("RTT 140 ms exceeds 100 ms", "clock offset 620 ms exceeds 500 ms"))
+    cluster.add("srv-4", PeerState.DEAD, "2001:db8::4", load=p.Load(5, 5, 5, 0))
+    return cluster
+
+
+def test_the_servers_of_the_cluster_with_state_load_and_warnings(world: World,
+                                                                 client: Client) -> None:
+    three_servers(world, client)
+    world.core.encoder_connected("cam-9", "Nine", "ops", FakeLink())
+    data = client.api("GET", "/api/servers").json()
+    rows = {s["server_id"]: s for s in data["servers"]}
+    assert list(rows) == ["srv-1", "srv-2", "srv-3", "srv-4"]  # this one first
+    assert data["cluster"]["servers"] == 4
+    assert rows["srv-1"]["load"] == {"encoders": 1, "streaming": 0, "viewers": 0}
+    assert rows["srv-2"] == {
+        "server_id": "srv-2", "this": False, "state": "alive", "address": "192.0.2.20",
+        "peer_address": "192.0.2.20:47100", "admin_url": "https://192.0.2.20:9443/",
+        "load": {"encoders": 4, "streaming": 2, "viewers": 9}, "rtt_ms": 12.3,
+        "offset_ms": -3.2, "connected": True, "warnings": [], "removable": True}
+    assert rows["srv-3"]["state"] == "suspect"
+    assert rows["srv-3"]["admin_url"] == "https://edge3.example:9444/"
+    assert rows["srv-3"]["warnings"] == ["RTT 140 ms exceeds 100 ms.",
+                                         "Clock offset 620 ms exceeds 500 ms."]
+    down = rows["srv-4"]
+    assert down["state"] == "down" and not down["connected"]
+    assert down["load"] is None  # its last heartbeat is history
+    assert down["admin_url"] == "https://[2001:db8::4]:9443/"
+    assert down["peer_address"] == "[2001:db8::4]:47100"
+    assert "Not reachable from this server" in down["warnings"][0]
+    assert "[2001:db8::4]:47100" in down["warnings"][0]
+    # The page shows the same, with a link to each server's own admin site
+    # and a Remove button (with a confirmation) for every other server.
+    page = client.get("/msr").text
+    table = page.split('data-live-list="servers"')[1].split("</table>")[0]
+    for sid in ("srv-1", "srv-2", "srv-3", "srv-4"):
+        assert f'<a href="/servers/{sid}">{sid}</a>' in table
+    for url in ("https://192.0.2.20:9443/", "https://edge3.example:9444/",
+                "https://[2001:db8::4]:9443/"):
+        assert f'<a href="{url}">{url}</a>' in table
+    assert "12.3 ms" in table and "-3.2 ms" in table and "140.0 ms" in table
+    assert "RTT 140 ms exceeds 100 ms." in table and "Not reachable" in table
+    assert 'badge state-down' in table and 'badge state-suspect' in table
+    forms = re.findall(r'<form method="post" action="([^"]+)" class="inline" '
+                       r'data-confirm="([^"]+)">', table)
+    assert [a for a, _ in forms] == [f"/msr/servers/{s}/remove" for s in ("srv-2", "srv-3",
+                                                                           "srv-4")]
+    assert all("Remove server" in c for _, c in forms)
+    template = page.split('<template id="remove-server">')[1].split("</template>")[0]
+    assert 'action="/msr/servers/{server_id}/remove"' in template
+    assert f'value="{client.csrf}"' in template
+    assert 'data-live-src="/api/servers"' in page
+
+
+def test_clicking_another_server_shows_the_encoders_it_hosts(world: World,
+                                                             client: Client) -> None:
+    three_servers(world, client)
+    connect_encoder_and_viewer(world)  # cam-1 here; cam-2 is registered, not connected
+    world.store.add_encoder("ops", "cam-3", "Loading bay")
+    epoch = Stamp(1, 0, "srv_2")
+    world.core.remote_locations([
+        Location("cam-2", "srv-2", epoch, 0, EncoderState.STREAMING),
+        Location("cam-3", "srv-2", epoch, 0, EncoderState.ONLINE),
+        Location("cam-gone", "srv-2", epoch, 0, EncoderState.ONLINE)])  # not in the store
+    page = client.get("/servers/srv-2").text
+    assert "<h1>Server srv-2</h1>" in page
+    assert '<a href="/encoders/cam-2">cam-2</a>' in page
+    assert "Loading bay" in page and "badge state-streaming" in page
+    assert "cam-1" not in page.split("Connected encoders")[1]  # it is on this server
+    assert ('href="https://192.0.2.20:9443/servers/srv-2" id="own-admin-page"') in page
+    assert 'data-live-src="/api/servers/srv-2"' in page
+    data = client.api("GET", "/api/servers/srv-2").json()
+    assert data["server"]["state"] == "alive" and data["viewers"] is None
+    assert data["encoders"] == [
+        {"encoder_id": "cam-2", "name": "cam-2", "domain": "ops", "state": "streaming"},
+        {"encoder_id": "cam-3", "name": "Loading bay", "domain": "ops", "state": "online"},
+        {"encoder_id": "cam-gone", "name": "cam-gone", "domain": None, "state": "online"}]
+    here = client.api("GET", "/api/servers/srv-1").json()
+    assert [e["encoder_id"] for e in here["encoders"]] == ["cam-1"]
+    assert [v["account"] for v in here["viewers"]] == ["alice"]
+    # The encoders list says where each encoder is; this server's page only its own.
+    encoders = {e["encoder_id"]: e for e in client.api("GET", "/api/encoders").json()["encoders"]}
+    assert (encoders["cam-2"]["server_id"], encoders["cam-2"]["state"]) == ("srv-2",
+                                                                           "streaming")
+    assert (encoders["cam-1"]["server_id"], encoders["cam-1"]["state"]) == ("srv-1",
+                                                                           "streaming")
+    connected = client.api("GET", "/api/encoders?connected=1").json()["encoders"]
+    assert [e["encoder_id"] for e in connected] == ["cam-1"]
+    assert "cam-2" not in client.get("/servers/srv-1").text
+    # A dead server's encoders are offline everywhere at once.
+    world.core.server_lost("srv-2")
+    assert client.api("GET", "/api/servers/srv-2").json()["encoders"] == []
+    encoders = {e["encoder_id"]: e for e in client.api("GET", "/api/encoders").json()["encoders"]}
+    assert encoders["cam-2"]["state"] == "offline" and encoders["cam-2"]["server_id"] is None
+    # Unknown servers.
+    assert client.get("/servers/srv-9").status == 404
+    assert client.api("GET", "/api/servers/srv-9").status == 404
+
+
+def test_a_server_whose_admin_address_is_unknown_has_no_link(world: World,
+                                                             client: Client) -> None:
+    cluster = enabled_world(world, client)
+    cluster.add("srv-5", PeerState.CONNECTING, "192.0.2.55", admin_port=0)
+    row = client.api("GET", "/api/servers/srv-5").json()["server"]
+    assert row["state"] == "connecting" and row["admin_url"] is None
+    page = client.get("/servers/srv-5").text
+    assert "own-admin-page" not in page and "does not know the address" in page
+
+
+def test_removing_servers(world: World, client: Client) -> None:
+    cluster = three_servers(world, client)
+    reply = client.post_form("/msr/servers/srv-2/remove")
+    assert reply.status == 303 and reply.location == "/msr"
+    assert cluster.removed == ["srv-2"]
+    assert "Server 'srv-2' was removed from the cluster." in unescape(client.get("/msr").text)
+    assert client.api("DELETE", "/api/servers/srv-4").json() == {"deleted": "srv-4"}
+    assert cluster.removed == ["srv-2", "srv-4"]
+    assert audit_actions(world)[:2] == [("root", "srv-1", "msr.remove", "srv-4"),
+                                        ("root", "srv-1", "msr.remove", "srv-2")]
+    assert world.store.list_audit(1)[0].detail == "was down"
+    # Not this server, not a server the cluster does not have.
+    reply = client.api("DELETE", "/api/servers/srv-1")
+    assert reply.status == 409 and "cannot remove itself" in reply.json()["error"]
+    reply = client.post_form("/msr/servers/srv-1/remove")
+    assert reply.status == 409 and "cannot remove itself" in reply.text
+    assert client.api("DELETE", "/api/servers/srv-2").status == 404
+    assert client.post_form("/msr/servers/srv-9/remove").status == 404
+    assert cluster.removed == ["srv-2", "srv-4"]
+    assert len(audit_actions(world)) == 3  # enable and the two removals
+    assert [s["server_id"] for s in client.api("GET", "/api/servers").json()["servers"]] == [
+        "srv-1", "srv-3"]
+
+
+@pytest.mark.parametrize("nasty", NASTY)
+def test_cluster_pages_escape_what_peers_advertise(world: World, client: Client,
+                                                   nasty: str) -> None:
+    cluster = enabled_world(world, client)
+    cluster.add("srv-x", PeerState.ALIVE, nasty, warnings=(nasty,))
+    world.store.add_encoder("ops", "cam-x", nasty)
+    world.core.remote_locations([Location("cam-x", "srv-x", Stamp(1, 0, "x"), 0,
+                                          EncoderState.ONLINE)])
+    row = client.api("GET", "/api/servers/srv-x").json()["server"]
+    assert row["address"] == nasty and row["admin_url"] is None  # not a host name
+    for path in ("/msr", "/servers/srv-x"):
+        reply = client.get(path)
+        assert reply.status == 200
+        assert_inert(reply.text, nasty)
+    assert "own-admin-page" not in client.get("/servers/srv-x").text
+
+
+def test_the_cluster_service_keeps_each_peers_reported_load(tmp_path: Path) -> None:
+    clock = Clock()
+    clock.advance(T0)
+    identity = create_cluster(tmp_path, "srv-1", ["127.0.0.1"], T0)
+    address = p.ExternalAddress("127.0.0.1", 5510, 5520, 5530, 9443, "127.0.0.1", 47100)
+    core = RelayCore(clock, "srv-1", None, lambda: (), Limits())  # type: ignore[arg-type]
+    service = ClusterService(identity, tmp_path, address, "tcp:0", core, None, clock)
+
+    class Conn:
+        peer_id = "srv-2"
+
+        def __init__(self) -> None:
+            self.sent: list[Any] = []
+
+        def send(self, msg: Any) -> None:
+            self.sent.append(msg)
+
+    conn = Conn()
+    assert service.loads == {}
+    service.peer_frame(conn, p.Heartbeat(1, 1000, p.Load(3, 1, 7, 0)))  # type: ignore[arg-type]
+    assert service.loads == {"srv-2": p.Load(3, 1, 7, 0)}
+    assert isinstance(conn.sent[0], p.HeartbeatAck) and conn.sent[0].seq == 1
+    service.peer_frame(conn, p.Heartbeat(2, 2000, p.Load(0, 0, 2, 0)))  # type: ignore[arg-type]
+    assert service.loads == {"srv-2": p.Load(0, 0, 2, 0)}
+
+
+def test_openapi_schemas_name_the_fields_the_cluster_api_sends(world: World,
+                                                              client: Client) -> None:
+    import yaml  # a test dependency (PyYAML)
+    schemas = yaml.safe_load(API_DOC.read_text(encoding="utf-8"))["components"]["schemas"]
+
+    def keys(name: str) -> set[str]:
+        return set(schemas[name]["properties"])
+
+    assert set(client.api("GET", "/api/msr").json()["cluster"]) == keys("ClusterStatus")
+    three_servers(world, client)
+    world.store.add_encoder("ops", "cam-2")
+    world.core.remote_locations([Location("cam-2", "srv-2", Stamp(1, 0, "srv_2"), 0,
+                                          EncoderState.ONLINE)])
+    data = client.api("GET", "/api/servers").json()
+    assert set(data["cluster"]) == keys("ClusterStatus")
+    for row in data["servers"]:
+        assert set(row) == keys("ServerSummary"), row["server_id"]
+        assert row["state"] in schemas["ServerSummary"]["properties"]["state"]["enum"]
+        assert row["load"] is None or set(row["load"]) == keys("ServerLoad")
+    one = client.api("GET", "/api/servers/srv-2").json()
+    assert set(one) == {"server", "encoders", "viewers"}
+    assert set(one["encoders"][0]) == keys("HostedEncoder")
+    token = client.api("POST", "/api/msr/tokens").json()
+    assert set(token) == {"token", "token_id", "expires", "command"}
+    assert set(client.api("GET", "/api/server").json()["cluster"]) == set(
+        schemas["Server"]["properties"]["cluster"]["properties"])

@@ -151,17 +151,21 @@ def test_untrusted_certificate_is_explained(world: World) -> None:
 
 
 def test_demo_runs_and_stops(tmp_path: Path) -> None:
+    # A cluster of three servers; two encoders, so on two different servers.
     done = subprocess.run(tool_command("demo", "--duration", "8", "--encoders", "2",
                                        "--size", "320x180", "--stats-interval", "3",
                                        "--data", str(tmp_path / "demo")),
-                          capture_output=True, text=True, timeout=60, env=child_env(),
+                          capture_output=True, text=True, timeout=90, env=child_env(),
                           stdin=subprocess.DEVNULL, check=False)
     assert done.returncode == 0, (done.stdout, done.stderr)
     out = done.stdout
-    assert "evserver demo is running" in out
+    assert "evserver demo is running: a cluster of 3 servers" in out
     assert "--account demo --password demo --watch cam1 --out cam1.h264" in out
     stats = [line for line in out.splitlines() if line.startswith("[viewer] ev-viewer:")]
-    assert stats and "cam1" in stats[0] and "cam2" in stats[0]
+    assert stats and "cam1" in stats[-1] and "cam2" in stats[-1]
     assert "with 0 decode errors" in out
-    assert (tmp_path / "demo" / "tls" / "server.pem").exists()  # --data is kept
-    assert "Traceback" not in (tmp_path / "demo" / "server.log").read_text()
+    assert "video came from 2 server(s): s1, s2" in out
+    for name in ("s1", "s2", "s3"):  # --data is kept
+        assert (tmp_path / "demo" / name / "tls" / "server.pem").exists()
+        assert (tmp_path / "demo" / name / "cluster" / "ca.pem").exists()
+        assert "Traceback" not in (tmp_path / "demo" / name / "server.log").read_text()

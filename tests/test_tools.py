@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from twisted.internet.defer import Deferred
 
 from evserver.media import decode_file
 from evserver.net.client import ClientError, TLSConfig
-from evserver.testing.harness import ENCODER_PORT, MemoryServer, make_store
+from evserver.testing.harness import ENCODER_PORT, VIEWER_PORT, MemoryServer, make_store
 from evserver.testing.memnet import MemoryNetwork
 from evserver.tools import common, encoder, viewer
 from evserver.tools.procs import free_ports
@@ -607,4 +608,124 @@ def test_unwritable_out_file(world: World, tmp_path: Path) -> None:
     assert world.until(world.start(view), timeout=1) == common.EXIT_ERROR
     line = one_error_line(err.getvalue(), "ev-viewer")
     assert "cannot write" in line and "No such file or directory" in line
+    assert out.getvalue() == ""
+
+
+# --------------------------------------------------------------------------
+# ev-viewer on a simulated three-server cluster
+
+
+class ClusterWorld:
+    """SimCluster (servers s1, s2, s3 on 127.0.1.1-3) with the tools on its network."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from evserver.testing.simcluster import SimCluster
+
+        self.store, self.secrets = make_store(tmp_path / "db.sqlite3", DOMAINS)
+        self.sim = SimCluster(self.store)
+        self.net = self.sim.net
+        self.tmp_path = tmp_path
+        self.seed = 0
+
+    def kwargs(self) -> dict[str, Any]:
+        self.seed += 1
+        return {"connector": lambda a: self.net.endpoint(a.host, a.port, "127.0.0.1"),
+                "rng": random.Random(self.seed)}
+
+    def servers(self, port: int, first: int) -> list[str]:
+        hosts = [s.host for s in self.sim.servers]
+        hosts = hosts[first:] + hosts[:first]
+        return [arg for host in hosts for arg in ("--server", f"{host}:{port}")]
+
+    def encoder(self, encoder_id: str, first: int) -> encoder.EncoderRun:
+        run, _ = encoder.build_run(
+            ["--plain", *self.servers(ENCODER_PORT, first), "--id", encoder_id,
+             f"--secret={self.secrets[encoder_id]}", "--source", "testsrc", "--size", "160x90",
+             "--keyframe-interval", "25"], self.net.clock, io.StringIO(), io.StringIO(),
+            **self.kwargs())
+        common.drive(run, run.err)
+        return run
+
+    def viewer(self, first: int, *argv: str) -> tuple[viewer.ViewerRun, io.StringIO,
+                                                      io.StringIO, list[Any]]:
+        out, err = io.StringIO(), io.StringIO()
+        run, _ = viewer.build_run(["--plain", *self.servers(VIEWER_PORT, first), "--account",
+                                   "alice", "--password", "alice-pw", *argv],
+                                  self.net.clock, out, err, **self.kwargs())
+        outcome: list[Any] = []
+        common.drive(run, err).addBoth(outcome.append)
+        return run, out, err, outcome
+
+    def until(self, outcome: list[Any], timeout: float = 60.0) -> int:
+        self.net.run_until(lambda: bool(outcome), timeout)
+        assert isinstance(outcome[0], int), outcome[0]
+        return outcome[0]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[ClusterWorld]:
+    w = ClusterWorld(tmp_path)
+    yield w
+    w.store.close()
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+def test_viewer_follows_a_failover(cluster: ClusterWorld, fault: str) -> None:
+    enc = cluster.encoder("cam1", first=0)  # hosted by s1
+    out_path = cluster.tmp_path / "cam1.h264"
+    view, out, err, done = cluster.viewer(1, "--watch", "cam1", "--duration", "8", "--decode",
+                                          "--out", str(out_path), "--json")
+    cluster.net.advance(3.0)
+    assert view.client is not None and view.client.placed == {"cam1": "s1"}
+    (cluster.sim.kill if fault == "kill" else cluster.sim.freeze)(0)
+    assert cluster.until(done) == common.EXIT_OK, err.getvalue()
+    report = json.loads(out.getvalue())
+    cam1 = report["encoders"]["cam1"]
+    assert report["servers_used"] == ["s1", "s2"] and cam1["servers"] == ["s1", "s2"]
+    assert report["moves"] == 1 and report["reconnects"] == 0  # the home (s2) stayed
+    # The pause is a gap; every frame after it is counted and decoded.
+    assert report["gaps"] == cam1["gaps"] == 1
+    assert report["frames"] > 25 * (8 - 3.5)
+    assert report["decoded_frames"] == report["frames"] and report["decode_errors"] == 0
+    assert cam1["skipped_before_keyframe"] == 0 and cam1["keyframes"] >= 6
+    frames, errors = decode_file(out_path)
+    assert frames == report["out"]["frames"] == report["frames"] and errors == 0
+    assert err.getvalue() == ""
+    enc.interrupt()
+
+
+def test_watch_all_survives_the_home_failover(cluster: ClusterWorld) -> None:
+    for encoder_id, first in (("cam1", 0), ("cam2", 1), ("cam10", 2)):
+        cluster.encoder(encoder_id, first)
+    cluster.net.advance(0.5)
+    _, out, _, done = cluster.viewer(2, "--list", "--json")
+    assert cluster.until(done) == common.EXIT_OK
+    assert [(e["id"], e["server"]) for e in json.loads(out.getvalue())["encoders"]] == [
+        ("cam1", "s1"), ("cam2", "s2"), ("cam10", "s3")]
+    _, out, err, done = cluster.viewer(0, "--watch-all", "--duration", "6", "--json",
+                                       "--stats-interval", "2")
+    cluster.net.advance(2.5)
+    cluster.sim.kill(0)  # the home, and cam1's host
+    assert cluster.until(done) == common.EXIT_OK, err.getvalue()
+    report = json.loads(out.getvalue())
+    per = report["encoders"]
+    assert report["reconnects"] == 1 and report["moves"] == 1
+    assert report["servers_used"] == ["s1", "s2", "s3"]
+    assert per["cam1"]["servers"] == ["s1", "s2"] and per["cam1"]["gaps"] == 1
+    # The video of the other servers went on while the home moved: no gap at all.
+    assert per["cam2"]["servers"] == ["s2"] and per["cam2"]["gaps"] == 0
+    assert per["cam10"]["servers"] == ["s3"] and per["cam10"]["gaps"] == 0
+    assert per["cam2"]["frames"] >= 6 * 25 - 15
+    assert "watching 3: cam1 " in err.getvalue()
+    assert "error" not in err.getvalue()
+
+
+def test_another_domains_encoder_in_a_cluster(cluster: ClusterWorld) -> None:
+    cluster.encoder("cam9", first=2)  # domain south, hosted by s3
+    cluster.net.advance(0.5)
+    _, out, err, done = cluster.viewer(0, "--watch", "cam9", "--frames", "5", "--duration",
+                                       "5", "--json")
+    assert cluster.until(done) == common.EXIT_ERROR
+    assert one_error_line(err.getvalue(), "ev-viewer") == (
+        "ev-viewer: error: cannot watch 'cam9': no encoder 'cam9' (NOT_FOUND)")
     assert out.getvalue() == ""

@@ -17,6 +17,7 @@ from twisted.internet import defer
 
 from evserver.admin.auth import SESSION_COOKIE
 from evserver.admin.changes import FieldError, check_field
+from evserver.admin.msr import MsrError, check_lifetime, join_command
 from evserver.admin.web import Cookie, Response, json_error, json_response
 from evserver.passwords import check_password
 from evserver.store import Account, AuditEntry, Domain
@@ -58,6 +59,11 @@ def api_routes(site: AdminSite) -> list[Route]:
         Route(post, ("api", "logout"), api.logout),
         Route(get, ("api", "server"), api.server),
         Route(get, ("api", "servers"), api.servers),
+        Route(get, ("api", "servers", "*"), api.cluster_server),
+        Route(delete, ("api", "servers", "*"), api.remove_server),
+        Route(get, ("api", "msr"), api.msr),
+        Route(post, ("api", "msr", "enable"), api.msr_enable),
+        Route(post, ("api", "msr", "tokens"), api.msr_token),
         Route(get, ("api", "encoders"), api.encoders),
         Route(post, ("api", "encoders"), api.create_encoder),
         Route(get, ("api", "encoders", "*"), api.encoder),
@@ -86,6 +92,14 @@ def _check_fields(data: dict[str, Any], allowed: set[str], required: set[str]) -
     for name in sorted(required):
         if name not in data:
             raise FieldError(name, f"{name} is required")
+
+
+def _optional_json(call: Call) -> dict[str, Any]:
+    """The JSON body, or {} when there is no body at all."""
+    call.request.content.seek(0)
+    if not call.request.content.read(1):
+        return {}
+    return call.json()
 
 
 class Api:
@@ -140,8 +154,63 @@ class Api:
     def server(self, call: Call) -> Response:
         return json_response(self.view.server())
 
+    # -- the cluster ---------------------------------------------------------
+
     def servers(self, call: Call) -> Response:
-        return json_response({"servers": self.view.servers()})
+        return json_response({"servers": self.site.msr.servers(),
+                              "cluster": self.site.msr.status()})
+
+    def cluster_server(self, call: Call) -> Response:
+        server_id = call.args[0]
+        row = self.site.msr.server(server_id)
+        if row is None:
+            return json_error(404, f"no server {server_id!r} in this cluster")
+        this = server_id == self.site.config.server_id
+        return json_response({
+            "server": row,
+            "encoders": self.site.msr.hosted_encoders(server_id),
+            "viewers": self.view.viewers() if this else None,
+        })
+
+    def remove_server(self, call: Call) -> Response:
+        assert call.session is not None
+        try:
+            self.site.remove_server(call.session, call.args[0])
+        except MsrError as e:
+            return json_error(e.status, e.message)
+        return json_response({"deleted": call.args[0]})
+
+    def msr(self, call: Call) -> Response:
+        return json_response({"cluster": self.site.msr.status()})
+
+    def msr_enable(self, call: Call) -> Response:
+        assert call.session is not None
+        try:
+            _check_fields(_optional_json(call), set(), set())
+            self.site.enable_msr(call.session)
+        except FieldError as e:
+            return refused(e)
+        except MsrError as e:
+            return json_error(e.status, e.message)
+        return json_response({"cluster": self.site.msr.status(),
+                              "servers": self.site.msr.servers()})
+
+    def msr_token(self, call: Call) -> Response:
+        assert call.session is not None
+        data = _optional_json(call)
+        try:
+            _check_fields(data, {"lifetime"}, set())
+            lifetime = None
+            if "lifetime" in data:
+                lifetime = check_field("lifetime", lambda: check_lifetime(data["lifetime"]))
+            token = self.site.create_join_token(call.session, lifetime)
+        except FieldError as e:
+            return refused(e)
+        except MsrError as e:
+            return json_error(e.status, e.message)
+        text = token.encode()
+        return json_response({"token": text, "token_id": token.token_id,
+                              "expires": token.expires, "command": join_command(text)}, 201)
 
     def viewers(self, call: Call) -> Response:
         return json_response({"viewers": self.view.viewers()})
@@ -152,7 +221,7 @@ class Api:
         connected = call.query("connected")
         rows = self.view.encoders()
         if connected not in (None, "", "0"):
-            rows = [r for r in rows if r["state"] != "offline"]
+            rows = [r for r in rows if r["server_id"] == self.site.config.server_id]
         return json_response({"encoders": rows})
 
     def _encoder(self, encoder_id: str) -> Response:

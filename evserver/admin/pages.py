@@ -9,14 +9,18 @@ refresh them from the JSON API every few seconds:
 * a ``<table data-live-list="encoders">``: its rows are rebuilt from that
   list, one cell per ``<th data-key=...>`` (``data-format`` and
   ``data-link`` as in :class:`Column`);
-* ``<ul data-live-items="warnings">``: its items are that list of strings.
+* ``<ul data-live-items="warnings">``: its items are that list of strings;
+* ``data-live-format`` beside ``data-live-key``: the value is shown as a
+  table cell of that format would show it (a state badge, "12.5 ms"...).
+
+Keys may be dotted paths (``load.viewers``), in live keys and table columns.
 """
 
 from __future__ import annotations
 
 import datetime
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -30,6 +34,7 @@ from evserver.store import ROLES, Account, AuditEntry, Domain, Encoder
 NAV = (
     ("home", "/", "Home"),
     ("server", None, "This server"),  # /servers/<this server's id>
+    ("msr", "/msr", "Multi-site resilience"),
     ("domains", "/domains", "Domains"),
     ("accounts", "/accounts", "Accounts"),
     ("encoders", "/encoders", "Encoders"),
@@ -55,8 +60,12 @@ class Column:
     """A column of a live table: JSON key, heading, format and optional link.
 
     ``fmt``: None (text), "bytes", "list" (comma separated), "state" (a badge),
-    "yesno".  ``link``: a path with ``{key}`` placeholders, each filled with
-    that row value quoted as one path segment.
+    "yesno", "ms" (milliseconds), "url" (an https link to itself),
+    "warnings" (a list of sentences), "this" (a "this server" mark) or
+    "action" (when the value is true, the ``<template id=...>`` named by
+    ``template``, its ``{key}`` placeholders filled from the row).
+    ``link``: a path with ``{key}`` placeholders, each filled with that row
+    value quoted as one path segment.
     """
 
     key: str
@@ -64,6 +73,9 @@ class Column:
     fmt: str | None = None
     link: str | None = None
     numeric: bool = False
+    template: str | None = None
+    #: For "action": what the cell says when the value is false.
+    otherwise: str | None = None
 
 
 def server_path(server_id: str) -> str:
@@ -201,7 +213,29 @@ def state_badge(state: str) -> Tag:
     return tags.span(state, class_=f"badge state-{state}")
 
 
+def lookup(row: dict[str, Any], key: str) -> Any:
+    """``row[key]``, following dots (``load.viewers``); None when absent."""
+    value: Any = row
+    for part in key.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
 def format_cell(value: Any, fmt: str | None) -> Any:
+    if fmt == "ms":
+        return "—" if value is None else f"{float(value):.1f} ms"
+    if fmt == "url":
+        if isinstance(value, str) and value.startswith("https://"):
+            return tags.a(value, href=value)
+        return "—"
+    if fmt == "warnings":
+        if not value:
+            return "—"
+        return tags.ul(*[tags.li(str(w)) for w in value], class_="cell-warnings")
+    if fmt == "this":
+        return tags.span("this server", class_="badge this") if value else ""
     if fmt == "bytes":
         return human_bytes(int(value or 0))
     if fmt == "list":
@@ -216,7 +250,10 @@ def format_cell(value: Any, fmt: str | None) -> Any:
 
 
 def live_table(list_key: str, columns: Sequence[Column], rows: Sequence[dict[str, Any]],
-               empty: str, caption: str | None = None) -> Tag:
+               empty: str, caption: str | None = None,
+               actions: dict[str, Callable[[dict[str, Any]], Any]] | None = None) -> Tag:
+    """A table whose rows live.js rebuilds; ``actions`` render the "action" columns'
+    cells here (by template id), as live.js does from the templates."""
     head = []
     for col in columns:
         th = tags.th(col.label, scope="col", **{"data-key": col.key})
@@ -224,6 +261,10 @@ def live_table(list_key: str, columns: Sequence[Column], rows: Sequence[dict[str
             th(**{"data-format": col.fmt})
         if col.link:
             th(**{"data-link": col.link})
+        if col.template:
+            th(**{"data-template": col.template})
+        if col.otherwise:
+            th(**{"data-otherwise": col.otherwise})
         if col.numeric:
             th(class_="num")
         head.append(th)
@@ -231,7 +272,12 @@ def live_table(list_key: str, columns: Sequence[Column], rows: Sequence[dict[str
     for row in rows:
         cells = []
         for col in columns:
-            content = format_cell(row.get(col.key), col.fmt)
+            if col.fmt == "action":
+                assert actions is not None and col.template is not None
+                content = (actions[col.template](row) if lookup(row, col.key)
+                           else tags.span(col.otherwise or "", class_="hint"))
+            else:
+                content = format_cell(lookup(row, col.key), col.fmt)
             if col.link:
                 href = col.link
                 for key, value in row.items():
@@ -282,8 +328,10 @@ def definition_list(items: Sequence[tuple[str, Any]]) -> Tag:
     return tags.dl(*parts, class_="facts")
 
 
-def live(key: str, value: Any) -> Tag:
-    return tags.span(str(value), **{"data-live-key": key})
+def live(key: str, value: Any, fmt: str | None = None) -> Tag:
+    if fmt is None:
+        return tags.span("—" if value is None else str(value), **{"data-live-key": key})
+    return tags.span(format_cell(value, fmt), **{"data-live-key": key, "data-live-format": fmt})
 
 
 # -- login -------------------------------------------------------------------
@@ -321,9 +369,9 @@ def login_page(chrome: Chrome, token: str, *, name: str = "", error: str | None 
 # -- homepage ----------------------------------------------------------------
 
 
-def warnings_list(warnings: Sequence[str]) -> Tag:
+def warnings_list(warnings: Sequence[str], key: str = "warnings") -> Tag:
     ul = tags.ul(*[tags.li(w) for w in warnings], class_="warnings",
-                 **{"data-live-items": "warnings"})
+                 **{"data-live-items": key})
     if not warnings:
         ul(hidden="hidden")
     return ul
@@ -358,6 +406,8 @@ def home_page(chrome: Chrome, view: ServerView) -> Tag:
                     ("Uptime", live("uptime_text", server["uptime_text"])),
                     ("External address", server["external_host"]),
                     ("Admin site", tags.a(server["admin_url"], href=server["admin_url"])),
+                    ("Multi-site resilience", tags.a(cluster_text(server["cluster"]),
+                                                     href="/msr")),
                     ("Registered encoders", live("encoders_registered",
                                                  server["encoders_registered"])),
                 ]),
@@ -381,10 +431,17 @@ def home_page(chrome: Chrome, view: ServerView) -> Tag:
     )
 
 
+def cluster_text(cluster: dict[str, Any]) -> str:
+    if not cluster["enabled"]:
+        return "not enabled (standalone server)"
+    n = cluster["servers"]
+    return f"enabled: a cluster of {n} server{'s' if n != 1 else ''}"
+
+
 # -- all server settings -------------------------------------------------------
 
 
-def settings_page(chrome: Chrome, view: ServerView) -> Tag:
+def settings_page(chrome: Chrome, view: ServerView, msr: dict[str, Any]) -> Tag:
     rows = [(s.description, tags.code(s.name), s.text) for s in view.settings()]
     cert = view.certificate()
     if cert is None:
@@ -420,8 +477,16 @@ def settings_page(chrome: Chrome, view: ServerView) -> Tag:
         ),
         tags.section(
             tags.h2("Multi-site resilience", id="multi-site"),
-            tags.p("This server is standalone: multi-site resilience (clustering) is not "
-                   "available in this version."),
+            tags.p(
+                "This server is standalone: multi-site resilience is not enabled."
+                if not msr["enabled"] else
+                f"Enabled: cluster {msr['cluster_id'] or '(starting)'}, "
+                f"{cluster_text(msr)[len('enabled: '):]}."
+            ),
+            tags.p(tags.a("Multi-site resilience", href="/msr", class_="button-link"),
+                   " ", tags.span("the servers of the cluster, join tokens"
+                                  if msr["enabled"] else
+                                  "enable it, and see what the servers need", class_="hint")),
         ),
     )
 
@@ -746,6 +811,200 @@ def audit_page(chrome: Chrome, entries: Sequence[AuditEntry], limit: int) -> Tag
         tags.p(f"The latest {limit} changes, newest first.", class_="hint"),
         static_table(("When", "Who", "Server", "Action", "Target", "Detail"), rows,
                      "Nothing has been changed yet."),
+    )
+
+
+# -- multi-site resilience ---------------------------------------------------------
+
+MSR_SERVER_COLUMNS = (
+    Column("server_id", "Server", link="/servers/{server_id}"),
+    Column("state", "State", fmt="state"),
+    Column("address", "External address"),
+    Column("load.encoders", "Encoders", numeric=True),
+    Column("load.streaming", "Streaming", numeric=True),
+    Column("load.viewers", "Viewers", numeric=True),
+    Column("rtt_ms", "RTT", fmt="ms", numeric=True),
+    Column("offset_ms", "Clock offset", fmt="ms", numeric=True),
+    Column("warnings", "Warnings", fmt="warnings"),
+    Column("admin_url", "Admin site", fmt="url"),
+    Column("removable", "", fmt="action", template="remove-server", otherwise="this server"),
+)
+
+HOSTED_ENCODER_COLUMNS = (
+    Column("encoder_id", "Encoder id", link="/encoders/{encoder_id}"),
+    Column("name", "Name"),
+    Column("domain", "Domain"),
+    Column("state", "State", fmt="state"),
+)
+
+
+def remove_server_form(chrome: Chrome, action: str, server_id: str) -> Tag:
+    return post_form(chrome, action, button="Remove", danger=True, inline=True,
+                     confirm=f"Remove server {server_id} from the cluster? It can come "
+                             "back only with a new join token and a fresh data directory.")
+
+
+def prerequisites_card(prerequisites: Sequence[str]) -> Tag:
+    return tags.section(
+        tags.h2("What the servers need"),
+        tags.ul(*[tags.li(text) for text in prerequisites], class_="plain"),
+        tags.p("Each server measures the round trip and the clock offset to every other "
+               "one and warns here when a link misses these.", class_="hint"),
+        class_="card",
+    )
+
+
+def msr_page(chrome: Chrome, status: dict[str, Any], rows: Sequence[dict[str, Any]],
+             prerequisites: Sequence[str], error: str | None = None) -> Tag:
+    title = "Multi-site resilience"
+    if not status["enabled"]:
+        return layout(
+            chrome, title, "msr",
+            tags.div(
+                tags.section(
+                    tags.h2("This server is standalone"),
+                    tags.p("Multi-site resilience makes several servers work as one cluster: "
+                           "encoders and viewers connect to any of them, accounts and settings "
+                           "are the same on all, and when a server fails its encoders and "
+                           "viewers move to the others by themselves."),
+                    tags.p("Enabling it turns this server into a cluster of one, in place: "
+                           "its domains, accounts and encoders are kept and its encoders and "
+                           "viewers stay connected.  Further servers then join with a join "
+                           "token created on this page."),
+                    post_form(chrome, "/msr/enable", button="Enable multi-site resilience",
+                              confirm="Enable multi-site resilience on this server?",
+                              errors={None: error} if error else None),
+                    class_="card",
+                ),
+                prerequisites_card(prerequisites),
+                class_="cards",
+            ),
+        )
+    if not status["running"]:
+        message = (status["error"] if status["error"] else
+                   "Multi-site resilience is enabled: the cluster service starts within a "
+                   "few seconds.")
+        return layout(
+            chrome, title, "msr",
+            tags.p(message, class_="error" if status["error"] else "notice", role="status"),
+            tags.p(tags.a("Reload", href="/msr")),
+        )
+    actions = {"remove-server": lambda row: remove_server_form(
+        chrome, "/msr/servers/" + segment(row["server_id"]) + "/remove", row["server_id"])}
+    return layout(
+        chrome, title, "msr",
+        *([tags.p(error, class_="error", role="alert")] if error else []),
+        tags.div(
+            tags.section(
+                tags.h2("This cluster"),
+                definition_list([
+                    ("Cluster id", tags.code(status["cluster_id"])),
+                    ("This server", tags.code(chrome.server_id)),
+                    ("Servers", live("cluster.servers", status["servers"])),
+                    ("At most", f"{status['max_servers']} servers"),
+                    ("Peer address", tags.code(status["peer_address"])),
+                    ("Authority fingerprint",
+                     tags.code(status["ca_fingerprint"], class_="fingerprint")),
+                ]),
+                class_="card",
+            ),
+            tags.section(
+                tags.h2("Add a server"),
+                tags.p("Create a join token here, then start the new server with it. A "
+                       "token admits one server, once, within a day."),
+                post_form(chrome, "/msr/tokens", button="Create join token"),
+                class_="card",
+            ),
+            class_="cards",
+        ),
+        tags.section(
+            tags.h2("Servers"),
+            live_table("servers", MSR_SERVER_COLUMNS, rows, "No servers.", actions=actions),
+            Tag("template")(remove_server_form(chrome, "/msr/servers/{server_id}/remove",
+                                               "{server_id}"),
+                            id="remove-server"),
+            tags.p("Click a server to see the encoders connected to it. If this server "
+                   "fails, log in to another one through its admin site link.",
+                   class_="hint"),
+        ),
+        prerequisites_card(prerequisites),
+        live_src="/api/servers",
+    )
+
+
+def token_page(chrome: Chrome, token: str, token_id: str, expires: str, command: str) -> Tag:
+    return layout(
+        chrome, "Join token created", "msr",
+        tags.div(
+            tags.p(tags.strong("Copy the token now: it is shown only this once."),
+                   " It admits one new server, once, until ", expires, "."),
+            definition_list([
+                ("Token", tags.code(token, class_="secret token", id="join-token")),
+                ("Token id", tags.code(token_id)),
+            ]),
+            tags.p("Start the new server with:"),
+            tags.pre(tags.code(command, id="join-command")),
+            tags.p("adding its usual options (--data, --external-host with the address the "
+                   "other servers and the clients reach it by, the ports). It receives its "
+                   "certificate and a full copy of the accounts, domains and encoders, and "
+                   "appears among the servers within seconds.", class_="hint"),
+            class_="notice secret-box",
+        ),
+        tags.p(tags.a("Back to multi-site resilience", href="/msr")),
+    )
+
+
+def remote_server_page(chrome: Chrome, row: dict[str, Any],
+                       encoders: Sequence[dict[str, Any]]) -> Tag:
+    sid = row["server_id"]
+    admin = row["admin_url"]
+    own_page = admin + "servers/" + segment(sid) if admin else None
+    viewers: Any = (
+        tags.p("Each server knows its own viewers only: see them on ",
+               tags.a(f"{sid}'s own admin site", href=own_page, id="own-admin-page"), ".")
+        if own_page else
+        tags.p("Each server knows its own viewers only, and this server does not know the "
+               "address of its admin site.", class_="empty"))
+    return layout(
+        chrome, f"Server {sid}", "msr",
+        tags.p(tags.a("All servers of the cluster", href="/msr"), class_="more back"),
+        warnings_list(row["warnings"], "server.warnings"),
+        tags.div(
+            tags.section(
+                tags.h2("State"),
+                definition_list([
+                    ("State", live("server.state", row["state"], "state")),
+                    ("External address", row["address"]),
+                    ("Peer address", tags.code(row["peer_address"])),
+                    ("Admin site", format_cell(admin, "url")),
+                    ("Round trip", live("server.rtt_ms", row["rtt_ms"], "ms")),
+                    ("Clock offset", live("server.offset_ms", row["offset_ms"], "ms")),
+                ]),
+                class_="card",
+            ),
+            tags.section(
+                tags.h2("Load"),
+                definition_list([
+                    ("Encoders online", live("server.load.encoders",
+                                             lookup(row, "load.encoders"))),
+                    ("Encoders streaming", live("server.load.streaming",
+                                                lookup(row, "load.streaming"))),
+                    ("Viewers", live("server.load.viewers", lookup(row, "load.viewers"))),
+                ]),
+                tags.p("As it reported in its latest heartbeat.", class_="hint"),
+                class_="card",
+            ),
+            class_="cards",
+        ),
+        tags.section(
+            tags.h2("Connected encoders"),
+            live_table("encoders", HOSTED_ENCODER_COLUMNS, encoders,
+                       f"No encoder is connected to {sid}."),
+            tags.p("From the cluster's directory: where each encoder is registered now.",
+                   class_="hint"),
+        ),
+        tags.section(tags.h2("Connected viewers"), viewers),
+        live_src="/api/servers/" + segment(sid),
     )
 
 

@@ -1,4 +1,4 @@
-"""The admin web site: ``make_admin_site(store, core, config, clock, started_at)``.
+"""The admin web site: ``make_admin_site(store, core, config, clock, started_at, service=...)``.
 
 One resource answers every path (a small route table), so the rules that
 matter are applied in one place, before any handler runs:
@@ -52,6 +52,14 @@ from evserver.admin.auth import (
     tokens_equal,
 )
 from evserver.admin.changes import Changes, FieldError
+from evserver.admin.msr import (
+    PREREQUISITES,
+    ClusterHost,
+    MsrError,
+    MultiSite,
+    join_command,
+    utc_text,
+)
 from evserver.admin.status import ServerView
 from evserver.admin.web import (
     SECURITY_HEADERS,
@@ -186,12 +194,16 @@ class AdminSite:
         password_hasher: Callable[[str], str] = hash_password,
         sessions: SessionTable | None = None,
         limiter: LoginLimiter | None = None,
+        service: ClusterHost | None = None,
     ) -> None:
         self.store = store
         self.core = core
         self.config = config
         self.clock = clock
         self.view = ServerView(store, core, config, clock.seconds, started_at)
+        #: The cluster, through the running server (``service.cluster``).
+        self.msr = MultiSite(self.view, service, clock.seconds)
+        self.view.cluster_summary = self.cluster_summary
         self.sessions = sessions or SessionTable(clock)
         self.limiter = limiter or LoginLimiter(clock)
         self.changes = Changes(store, config.server_id, self.sessions,
@@ -217,6 +229,10 @@ class AdminSite:
             Route(get, (), self.home),
             Route(get, ("settings",), self.settings),
             Route(get, ("servers", "*"), self.server),
+            Route(get, ("msr",), self.msr_page),
+            Route(post, ("msr", "enable"), self.msr_enable),
+            Route(post, ("msr", "tokens"), self.msr_token),
+            Route(post, ("msr", "servers", "*", "remove"), self.msr_remove),
             Route(get, ("domains",), self.domains),
             Route(post, ("domains",), self.create_domain),
             Route(get, ("domains", "*"), self.domain),
@@ -459,14 +475,87 @@ class AdminSite:
         return html(pages.home_page(self.chrome(call.session), self.view))
 
     def settings(self, call: Call) -> Response:
-        return html(pages.settings_page(self.chrome(call.session), self.view))
+        return html(pages.settings_page(self.chrome(call.session), self.view,
+                                        self.msr.status()))
 
     def server(self, call: Call) -> Response:
-        if call.args[0] != self.config.server_id:
+        server_id = call.args[0]
+        if server_id == self.config.server_id:
+            return html(pages.server_page(self.chrome(call.session), self.view))
+        row = self.msr.server(server_id)
+        if row is None:
             return self.error(call, 404, "Unknown server",
-                              f"This server is {self.config.server_id!r}; it knows no "
-                              f"server {call.args[0]!r}.")
-        return html(pages.server_page(self.chrome(call.session), self.view))
+                              f"This server is {self.config.server_id!r}; its cluster has "
+                              f"no server {server_id!r}.")
+        return html(pages.remote_server_page(self.chrome(call.session), row,
+                                             self.msr.hosted_encoders(server_id)))
+
+    # multi-site resilience
+
+    def cluster_summary(self) -> dict[str, Any]:
+        status = self.msr.status()
+        return {"enabled": status["enabled"], "servers": status["servers"],
+                "cluster_id": status["cluster_id"]}
+
+    def _msr_page(self, call: Call, status: int = 200, error: str | None = None) -> Response:
+        return html(pages.msr_page(self.chrome(call.session), self.msr.status(),
+                                   self.msr.servers(), PREREQUISITES, error), status)
+
+    def msr_page(self, call: Call) -> Response:
+        return self._msr_page(call)
+
+    def enable_msr(self, session: Session) -> str:
+        """Enable multi-site resilience (audited); returns the new cluster's id."""
+        identity = self.msr.enable()
+        self.changes.audit(session.account, "msr.enable", identity.cluster_id,
+                           "this server is now a cluster of one")
+        return str(identity.cluster_id)
+
+    def create_join_token(self, session: Session, lifetime: int | None = None) -> Any:
+        """A new join token (audited by its id, never its secret)."""
+        token = (self.msr.mint_token() if lifetime is None
+                 else self.msr.mint_token(lifetime))
+        self.changes.audit(session.account, "msr.token", token.token_id,
+                           f"admits one server via {token.addresses[0]} until "
+                           f"{utc_text(token.expires)}")
+        return token
+
+    def remove_server(self, session: Session, server_id: str) -> None:
+        row = self.msr.server(server_id)
+        self.msr.remove(server_id)
+        self.changes.audit(session.account, "msr.remove", server_id,
+                           f"was {row['state'] if row else 'unknown'}")
+
+    def msr_enable(self, call: Call) -> Response:
+        assert call.session is not None
+        try:
+            cluster_id = self.enable_msr(call.session)
+        except MsrError as e:
+            return self._msr_page(call, e.status, e.message)
+        return self._flash(call, f"Multi-site resilience is enabled: this server is now "
+                                 f"cluster {cluster_id}, a cluster of one. Its encoders and "
+                                 f"viewers stayed connected.", "/msr")
+
+    def msr_token(self, call: Call) -> Response:
+        assert call.session is not None
+        try:
+            token = self.create_join_token(call.session)
+        except MsrError as e:
+            return self._msr_page(call, e.status, e.message)
+        text = token.encode()
+        return html(pages.token_page(self.chrome(call.session), text, token.token_id,
+                                     utc_text(token.expires), join_command(text)))
+
+    def msr_remove(self, call: Call) -> Response:
+        assert call.session is not None
+        server_id = call.args[0]
+        try:
+            self.remove_server(call.session, server_id)
+        except MsrError as e:
+            if e.status == 404:
+                return self.error(call, 404, "Unknown server", e.message)
+            return self._msr_page(call, e.status, e.message)
+        return self._flash(call, f"Server {server_id!r} was removed from the cluster.", "/msr")
 
     def audit(self, call: Call) -> Response:
         entries = self.store.list_audit(AUDIT_PAGE_LIMIT)
@@ -749,8 +838,10 @@ def make_admin_site(
 ) -> Site:
     """The admin web site of this server, to be served over TLS on ``config.admin_endpoint``.
 
-    ``options`` are :class:`AdminSite`'s keyword arguments (tests inject
-    ``defer_to_thread``, ``password_hasher``, ``sessions``, ``limiter``).
-    The ``AdminSite`` is reachable as ``site.admin``.
+    ``options`` are :class:`AdminSite`'s keyword arguments: ``service``, the
+    running server (its ``cluster`` attribute and ``check_cluster()``; without
+    it the site sees no cluster and enabling waits for the server's own
+    check), and for tests ``defer_to_thread``, ``password_hasher``,
+    ``sessions``, ``limiter``.  The ``AdminSite`` is reachable as ``site.admin``.
     """
     return AdminHTTPSite(AdminSite(store, core, config, clock, started_at, **options))

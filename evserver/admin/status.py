@@ -21,8 +21,11 @@ from evserver.config import ServerConfig
 from evserver.state.relay import EncoderSession, RelayCore, ViewerSession
 from evserver.store import Store
 from evserver.tls import CERT_FILENAME, TLS_DIRNAME
+from evserver.wire.messages import EncoderState
 
 CERT_WARNING_DAYS = 30
+ENCODER_STATES = {EncoderState.OFFLINE: "offline", EncoderState.ONLINE: "online",
+                   EncoderState.STREAMING: "streaming"}
 
 #: Plain words for each ServerConfig field; a field missing here is still
 #: listed (under its own name), so new settings never go unseen.
@@ -137,6 +140,10 @@ class ServerView:
         self.seconds = seconds
         self.started_at = started_at
         self._cert_cache: tuple[Any, CertificateInfo | None] | None = None
+        #: ``{"enabled", "servers", "cluster_id"}`` for GET /api/server; the admin
+        #: site replaces it with one that asks the cluster.
+        self.cluster_summary: Callable[[], dict[str, Any]] = lambda: {
+            "enabled": False, "servers": 1, "cluster_id": None}
 
     @property
     def server_id(self) -> str:
@@ -239,23 +246,8 @@ class ServerView:
             "load": self.load(),
             "encoders_registered": len(self.store.list_encoders()),
             "warnings": self.warnings(),
-            "cluster": {"enabled": False, "servers": 1},
+            "cluster": self.cluster_summary(),
         }
-
-    def servers(self) -> list[dict[str, Any]]:
-        """GET /api/servers: the servers this one knows (itself, while standalone)."""
-        c = self.config
-        return [
-            {
-                "server_id": c.server_id,
-                "address": c.external_host,
-                "admin_url": self.admin_url,
-                "state": "alive",
-                "this": True,
-                "version": __version__,
-                "load": self.load(),
-            }
-        ]
 
     @staticmethod
     def _session(session: EncoderSession) -> dict[str, Any]:
@@ -271,7 +263,10 @@ class ServerView:
         """Every registered encoder with its live state, plus connected unregistered ones.
 
         An encoder deleted from the store while connected stays connected
-        until it disconnects; it is listed with ``registered: false``.
+        until it disconnects; it is listed with ``registered: false``.  An
+        encoder connected to another server of the cluster has that
+        server's id and the state the cluster's directory gives (its
+        counters are that server's to show).
         """
         out = []
         live = dict(self.core.encoders)
@@ -290,6 +285,11 @@ class ServerView:
             }
             if session is not None:
                 row.update(self._session(session), server_id=self.server_id)
+            else:
+                where = self.core.locations.where(record.encoder_id)
+                if where is not None and where.server_id != self.server_id:
+                    row.update(server_id=where.server_id,
+                               state=ENCODER_STATES.get(where.state, "online"))
             out.append(row)
         for encoder_id, session in sorted(live.items()):
             out.append({
@@ -304,7 +304,7 @@ class ServerView:
 
     def connected_encoders(self) -> list[dict[str, Any]]:
         """The encoders connected to this server."""
-        return [e for e in self.encoders() if e["state"] != "offline"]
+        return [e for e in self.encoders() if e["server_id"] == self.server_id]
 
     @staticmethod
     def _viewer(session: ViewerSession) -> dict[str, Any]:

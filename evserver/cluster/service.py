@@ -90,6 +90,8 @@ class ClusterService(Service):
         #: Servers removed from the cluster: refused until re-admitted with a token.
         self.removed: set[str] = set()
         self.connections: dict[str, PeerConnection] = {}
+        #: The load each peer reported in its latest heartbeat (for the admin pages).
+        self.loads: dict[str, p.Load] = {}
         self._connecting: set[str] = set()
         self._digests: dict[str, dict[tuple[str, str], bytes]] = {}
         self._next_request = 1
@@ -355,6 +357,7 @@ class ClusterService(Service):
         sid = conn.peer_id
         assert sid is not None
         if isinstance(msg, p.Heartbeat):
+            self.loads[sid] = msg.load
             now = _wall_us()
             conn.send(p.HeartbeatAck(msg.seq, msg.sent_wall_us, now, _wall_us()))
         elif isinstance(msg, p.HeartbeatAck):

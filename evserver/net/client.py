@@ -145,6 +145,12 @@ class ViewerControlConnection(_ClientConnection):
 class RelayConnection(_ClientConnection):
     protocol_name = ProtocolName.RELAY
 
+    def __init__(self, owner: Any, clock: Any, ticket: bytes = b"") -> None:
+        super().__init__(owner, clock)
+        #: The ticket of the session that opened it: a relay of an earlier
+        #: session (closing late, e.g. to a frozen server) must not touch this one.
+        self.ticket = ticket
+
 
 class _Factory(Factory):
     def __init__(self, build: Callable[[], WireConnection]) -> None:
@@ -284,26 +290,27 @@ class _ReconnectingClient:
     def _open_relay(self) -> None:
         if self._relay_address is None or self.stopped:
             return
+        ticket = self.ticket
         d = self.connector(self._relay_address).connect(
-            _Factory(lambda: RelayConnection(self, self.reactor)))
-        d.addErrback(self._relay_failed)
+            _Factory(lambda: RelayConnection(self, self.reactor, ticket)))
+        d.addErrback(self._relay_failed, ticket)
 
-    def _relay_failed(self, failure: Failure) -> None:
-        if self.control is not None:
+    def _relay_failed(self, failure: Failure, ticket: bytes) -> None:
+        if self.control is not None and ticket == self.ticket:
             self.control.fail(ErrorCode.INTERNAL, "cannot open the relay connection")
 
     # -- connection events -----------------------------------------------
 
     def connected(self, conn: _ClientConnection) -> None:
         if isinstance(conn, RelayConnection):
-            conn.send(m.RelayHello(self.ticket))
+            conn.send(m.RelayHello(conn.ticket))
         else:
             self.control = conn
             self.hello(conn)
 
     def message(self, conn: _ClientConnection, msg: Any) -> None:
         if isinstance(conn, RelayConnection):
-            if isinstance(msg, m.RelayOk):
+            if isinstance(msg, m.RelayOk) and conn.ticket == self.ticket:
                 self.relay = conn
                 # Slower than the control connection, which notices a dead server.
                 interval = 3 * self.keepalive_interval()
@@ -323,6 +330,8 @@ class _ReconnectingClient:
         if isinstance(conn, RelayConnection):
             if self.relay is conn:
                 self.relay = None
+            elif conn.ticket != self.ticket:
+                return  # a relay of an earlier session
             # The relay is part of the session: start over on the control side.
             if self.control is not None and self.control.connected:
                 self.control.close()
@@ -626,22 +635,92 @@ class ViewerClient(_ReconnectingClient):
 # A viewer of a whole cluster
 
 
+def _ignore(_: object) -> None:
+    return None
+
+
+class _ClusterSession(ViewerClient):
+    """A ViewerClient driven by a ClusterViewer, which decides what it watches where.
+
+    After a reconnection it watches nothing by itself (the ClusterViewer
+    places every encoder again, on the server hosting it now).  A session
+    ``pinned_to`` a server stays with that server: a ServerList does not send
+    it elsewhere.  The home session (``pinned_to`` "") follows the server list.
+    """
+
+    def __init__(self, owner: ClusterViewer, pinned_to: str, reactor: Any,
+                 servers: list[Address], account: str, password: str, tls: TLSConfig,
+                 **kwargs: Any) -> None:
+        super().__init__(reactor, servers, account, password, tls, **kwargs)
+        self.owner = owner
+        self.pinned_to = pinned_to
+        #: When the session was lost (None while it is up or has never been).
+        self.down_since: float | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.control is not None and self.relay is not None
+
+    def _set_servers(self, servers: tuple[m.ServerInfo, ...]) -> None:
+        if not self.pinned_to:
+            super()._set_servers(servers)
+        else:
+            self.server_infos = {s.server_id: s for s in servers}
+
+    def _relay_ready(self) -> None:
+        self.down_since = None
+        self.watched.clear()
+        self._by_stream.clear()
+        self.first_ready(self)
+
+    def on_lost(self, error: ClientError) -> None:
+        super().on_lost(error)  # fails the requests under way
+        self.watched.clear()
+        self._by_stream.clear()
+        if self.down_since is None:
+            self.down_since = self.reactor.seconds()
+        self.owner._session_lost(self)
+
+    def on_final_error(self, error: ClientError) -> None:
+        self.owner._session_gave_up(self, error)
+
+
 class ClusterViewer:
     """A viewer that follows its encoders across the servers of a cluster.
 
-    A *home* session (to any server; it moves to another on failure) lists
-    the domain's encoders and receives their updates, which name the server
-    hosting each.  Each watched encoder is watched on its hosting server,
-    through one session per server, opened when first needed and kept.
-    When an update says an encoder moved (a failover, a rebalance), the
-    watch moves with it; no action of the user is needed.
+    A *home* session (to any server of the list; it moves to another on
+    failure) lists the domain's encoders after every login and receives
+    their updates, which name the server hosting each.  Each watched encoder
+    is watched on its hosting server, through one session per server, opened
+    when first needed and closed once nothing is watched there.  A Redirect
+    answer is followed.  When an update says an encoder moved (a failover, a
+    rebalance), the watch moves with it.  An offline encoder stays watched
+    where it was (it comes back there, or an update says where), unless
+    that server's session has been down for ``FALLBACK_DELAY``: then it is
+    watched at home.  No action of the user is needed.
+
+    Callbacks: ``on_media(encoder_id, media)`` for each frame (only from the
+    server where the encoder is watched now); ``on_update(info)`` for each
+    pushed EncoderUpdate; ``on_list(infos)`` with the listing after each
+    login of the home; ``on_watch_error(encoder_id, error)`` when a watch is
+    refused for good (NOT_FOUND, LIMIT_EXCEEDED: the encoder is no longer
+    watched); ``on_final_error(error)`` when the home session gives up after
+    having logged in (the first login's failure fails ``start()`` instead).
+    ``client_kwargs`` go to every ViewerClient (``connector``, ``rng``, ...).
     """
 
     MAX_REDIRECTS = 3
+    #: Wait this long before asking again after a redirect loop or a session given up.
+    RETRY_DELAY = 1.0
+    #: Offline encoders leave a server whose session has been down this long.
+    FALLBACK_DELAY = 3.0
 
     def __init__(self, reactor: Any, servers: list[Address], account: str, password: str,
                  tls: TLSConfig, on_media: Callable[[str, m.Media], None] | None = None,
                  on_update: Callable[[m.EncoderInfo], None] | None = None,
+                 on_list: Callable[[tuple[m.EncoderInfo, ...]], None] | None = None,
+                 on_watch_error: Callable[[str, ClientError], None] | None = None,
+                 on_final_error: Callable[[ClientError], None] | None = None,
                  **client_kwargs: Any) -> None:
         self.reactor = reactor
         self.account = account
@@ -649,135 +728,330 @@ class ClusterViewer:
         self.tls = tls
         self.on_media = on_media
         self.on_update = on_update
+        self.on_list = on_list
+        self.on_watch_error = on_watch_error
+        self.on_final_error = on_final_error
         self.client_kwargs = client_kwargs
-        self.home = ViewerClient(reactor, servers, account, password, tls,
-                                 on_media=self._media, on_update=self._update, **client_kwargs)
+        self.home = self._new_session("", servers)
+        self.home.on_update = self._update
         self.home.on_session = self._home_ready
-        #: Sessions to hosting servers, by server id (the home's server among them).
-        self.sessions: dict[str, ViewerClient] = {}
+        #: Sessions by server id (the home under its current server, unless a
+        #: session pinned to that server was there first).
+        self.sessions: dict[str, _ClusterSession] = {}
+        #: The latest word of the home on each encoder of the domain.
         self.infos: dict[str, m.EncoderInfo] = {}
-        self.wanted: set[str] = set()
-        #: encoder id -> the server id where it is watched now
+        #: The encoders to watch, in the order asked.
+        self.wanted: dict[str, None] = {}
+        #: encoder id -> the server id where it is watched (or about to be).
         self.placed: dict[str, str] = {}
-        self._placing: set[str] = set()
+        #: How many times the video of a watched encoder moved: its watch left
+        #: the server its last frames came from for another.
         self.moves = 0
+        #: Frames delivered to ``on_media``, by the server they came from.
+        self.frames_by_server: dict[str, int] = {}
+        self.stopped = False
+        self._home_sid = ""
+        #: encoder id -> the server a Watch is under way to
+        self._placing: dict[str, str] = {}
+        #: encoder id -> the server its last frame came from
+        self._video_from: dict[str, str] = {}
+        #: encoder id -> where a Redirect said it is (newer than the home's word)
+        self._hints: dict[str, m.ServerInfo] = {}
+        #: Servers' addresses learnt from Redirects.
+        self._addresses: dict[str, m.ServerInfo] = {}
+        self._retry_calls: dict[str, IDelayedCall] = {}
+        self._fallback_calls: dict[str, IDelayedCall] = {}
+
+    def _new_session(self, pinned_to: str, servers: list[Address]) -> _ClusterSession:
+        session = _ClusterSession(self, pinned_to, self.reactor, servers, self.account,
+                                  self.password, self.tls, **self.client_kwargs)
+        session.on_media = lambda encoder_id, media: self._media(session, encoder_id, media)
+        return session
 
     # -- lifecycle -------------------------------------------------------
 
-    def start(self) -> Deferred[Any]:
-        return self.home.start()
+    def start(self) -> Deferred[ClusterViewer]:
+        """Log in at home; fires with this viewer, or fails on a final error."""
+        self.stopped = False
+        d = self.home.start()
+        d.addCallback(lambda _: self)
+        return d
 
     def stop(self) -> None:
+        self.stopped = True
+        for calls in (self._retry_calls, self._fallback_calls):
+            for call in calls.values():
+                if call.active():
+                    call.cancel()
+            calls.clear()
         self.home.stop()
         for session in self.sessions.values():
             if session is not self.home:
                 session.stop()
+        self.sessions.clear()
+
+    @property
+    def domain(self) -> str:
+        return self.home.domain
 
     # -- watching --------------------------------------------------------
 
     def watch(self, encoder_id: str) -> None:
         """Watch ``encoder_id`` wherever it is, now and after it moves."""
-        self.wanted.add(encoder_id)
+        if encoder_id in self.wanted:
+            return
+        self.wanted[encoder_id] = None
         self._place(encoder_id)
 
     def unwatch(self, encoder_id: str) -> None:
-        self.wanted.discard(encoder_id)
+        if encoder_id in self.wanted:
+            del self.wanted[encoder_id]
+            self._forget(encoder_id)
+
+    def _forget(self, encoder_id: str) -> None:
+        self._hints.pop(encoder_id, None)
+        self._video_from.pop(encoder_id, None)
+        call = self._retry_calls.pop(encoder_id, None)
+        if call is not None and call.active():
+            call.cancel()
         server_id = self.placed.pop(encoder_id, None)
-        session = self.sessions.get(server_id) if server_id else None
+        if server_id is not None:
+            self._drop_watch(server_id, encoder_id)
+        self._collect()
+
+    def _drop_watch(self, server_id: str, encoder_id: str) -> None:
+        """Stop watching ``encoder_id`` on ``server_id`` (an answer under way: when it comes)."""
+        session = self.sessions.get(server_id)
+        watched = session.watched.get(encoder_id) if session is not None else None
+        if session is not None and watched is not None and watched.stream_id:
+            session.unwatch(encoder_id).addErrback(_ignore)
+
+    def _where(self, encoder_id: str) -> str:
+        """The server to watch ``encoder_id`` on ("" while the home is not logged in)."""
+        hint = self._hints.get(encoder_id)
+        if hint is not None:
+            return hint.server_id
+        info = self.infos.get(encoder_id)
+        if info is not None and info.server_id:
+            return info.server_id
+        # Offline or unknown: stay where it is watched (it comes back there, or an
+        # update says where), unless that server has been out of reach for long.
+        current = self.placed.get(encoder_id)
+        session = self.sessions.get(current) if current else None
+        if current and session is not None and not self._gone(session):
+            return current
+        return self._home_sid
+
+    def _gone(self, session: _ClusterSession) -> bool:
+        return (not session.up and session.down_since is not None
+                and self.reactor.seconds() - session.down_since >= self.FALLBACK_DELAY - 1e-6)
+
+    def _place(self, encoder_id: str, target: m.ServerInfo | None = None,
+               redirects: int = 0) -> None:
+        """Watch ``encoder_id`` where it is (unless it is watched there or about to be)."""
+        if self.stopped or encoder_id not in self.wanted:
+            return
+        server_id = target.server_id if target is not None else self._where(encoder_id)
+        if not server_id:
+            return  # the home is not logged in: placed once it is
+        session = self._session_for(server_id)
+        if session is None:
+            # A server we have no address of: ask at home, whose Redirect carries it.
+            server_id = self._home_sid
+            session = self._session_for(server_id) if server_id else None
+            if session is None:
+                return
+        if self._placing.get(encoder_id) == server_id:
+            return  # the answer is under way
+        old = self.placed.get(encoder_id)
+        if old == server_id:
+            watched = session.watched.get(encoder_id)
+            if watched is not None and watched.stream_id:
+                return
+        elif old is not None:
+            if self._video_from.get(encoder_id) == old:
+                self.moves += 1
+            self._drop_watch(old, encoder_id)
+        self.placed[encoder_id] = server_id
+        if not session.up:
+            return  # placed when the session is ready
+        self._placing[encoder_id] = server_id
+        d = session.watch(encoder_id)
+        d.addCallbacks(self._watch_ok, self._watch_failed,
+                       callbackArgs=(server_id, session),
+                       errbackArgs=(encoder_id, server_id, session, redirects))
+
+    def _watch_ok(self, watched: Watched, server_id: str, session: _ClusterSession) -> None:
+        encoder_id = watched.encoder_id
+        if self._placing.get(encoder_id) == server_id:
+            del self._placing[encoder_id]
+        if (encoder_id not in self.wanted or self.placed.get(encoder_id) != server_id
+                or self.sessions.get(server_id) is not session):
+            # Moved or unwatched while the Watch was under way.
+            session.unwatch(encoder_id).addErrback(_ignore)
+            self._collect()
+
+    def _watch_failed(self, failure: Failure, encoder_id: str, server_id: str,
+                      session: _ClusterSession, redirects: int) -> None:
+        if self._placing.get(encoder_id) == server_id:
+            del self._placing[encoder_id]
+        if (encoder_id not in self.wanted or self.placed.get(encoder_id) != server_id
+                or self.sessions.get(server_id) is not session):
+            return  # a stale answer
+        error = failure.value
+        if not session.up:
+            return  # the session was lost: placed again when it is back
+        if isinstance(error, RedirectedTo):
+            target = error.server
+            self._addresses[target.server_id] = target
+            if target.server_id == server_id or redirects >= self.MAX_REDIRECTS:
+                log.info("redirect loop for {e} (last {a} -> {b}); asking again later",
+                         e=encoder_id, a=server_id, b=target.server_id)
+                self._retry_later(encoder_id)
+                return
+            self._hints[encoder_id] = target
+            self._place(encoder_id, target, redirects + 1)
+            self._collect()
+        elif isinstance(error, ClientError) and error.code is not None and \
+                error.code != ErrorCode.DUPLICATE:
+            # Refused for good (NOT_FOUND: no such encoder in our domain; LIMIT_EXCEEDED).
+            self.wanted.pop(encoder_id, None)
+            self._forget(encoder_id)
+            if self.on_watch_error is not None:
+                self.on_watch_error(encoder_id, error)
+            else:
+                log.warn("cannot watch {e}: {f}", e=encoder_id, f=error)
+        else:
+            log.warn("watching {e} on {s}: {f}", e=encoder_id, s=server_id,
+                     f=failure.getErrorMessage())
+
+    def _retry_later(self, encoder_id: str) -> None:
+        self._hints.pop(encoder_id, None)
+        if encoder_id not in self._retry_calls:
+            self._retry_calls[encoder_id] = self.reactor.callLater(
+                self.RETRY_DELAY, self._retry, encoder_id)
+
+    def _retry(self, encoder_id: str) -> None:
+        del self._retry_calls[encoder_id]
+        self._place(encoder_id)
+        self._collect()
+
+    # -- sessions ----------------------------------------------------------
+
+    def _session_for(self, server_id: str) -> _ClusterSession | None:
+        session = self.sessions.get(server_id)
         if session is not None:
-            session.unwatch(encoder_id).addErrback(lambda _: None)
+            return session
+        if server_id == self._home_sid:
+            self.sessions[server_id] = self.home
+            return self.home
+        info = self.home.server_infos.get(server_id) or self._addresses.get(server_id)
+        if info is None:
+            return None
+        session = self._new_session(server_id, [Address(info.host, info.viewer_port)])
+        session.on_session = lambda: self._session_ready(session)
+        self.sessions[server_id] = session
+        session.start().addErrback(lambda f: self._session_gave_up(session, f.value))
+        return session
 
     def _home_ready(self) -> None:
-        self.sessions = {sid: s for sid, s in self.sessions.items() if s is not self.home}
-        self.sessions.setdefault(self.home.server_id, self.home)
-        # Every (re)connection of the home: learn the encoders and where they are.
-        self.home.list_encoders().addCallbacks(self._listed, lambda _: None)
+        self._home_sid = self.home.server_id
+        self.sessions.setdefault(self._home_sid, self.home)
+        # Every (re)login of the home: learn the encoders and where they are.
+        self.home.list_encoders().addCallbacks(self._listed, _ignore)
+
+    def _session_ready(self, session: _ClusterSession) -> None:
+        server_id = session.pinned_to
+        if self.sessions.get(server_id) is not session:
+            return
+        for encoder_id in [e for e, s in self.placed.items() if s == server_id]:
+            self._place(encoder_id)
+        self._collect()
+
+    def _session_lost(self, session: _ClusterSession) -> None:
+        if self.stopped:
+            return
+        if session is self.home:
+            # It logs in elsewhere by itself, lists again and everything is placed again.
+            self.sessions = {s: v for s, v in self.sessions.items() if v is not self.home}
+            self._home_sid = ""
+            return
+        server_id = session.pinned_to
+        if self.sessions.get(server_id) is session and server_id not in self._fallback_calls:
+            self._fallback_calls[server_id] = self.reactor.callLater(
+                self.FALLBACK_DELAY, self._fallback, server_id)
+
+    def _fallback(self, server_id: str) -> None:
+        """A session down for FALLBACK_DELAY: its offline encoders are watched at home."""
+        del self._fallback_calls[server_id]
+        session = self.sessions.get(server_id)
+        if session is None or session.up or session.down_since is None:
+            return
+        left = session.down_since + self.FALLBACK_DELAY - self.reactor.seconds()
+        if left > 1e-6:  # it was back and lost again meanwhile
+            self._fallback_calls[server_id] = self.reactor.callLater(left, self._fallback,
+                                                                     server_id)
+            return
+        for encoder_id in [e for e, s in self.placed.items() if s == server_id]:
+            self._place(encoder_id)
+        self._collect()
+
+    def _session_gave_up(self, session: _ClusterSession, error: Any) -> None:
+        if session is self.home:
+            if self.on_final_error is not None and isinstance(error, ClientError):
+                self.on_final_error(error)
+            else:
+                log.error("giving up: {error}", error=error)
+            return
+        server_id = session.pinned_to
+        log.info("cannot use {s}: {f}", s=server_id, f=error)
+        session.stop()
+        if self.sessions.get(server_id) is not session:
+            return
+        del self.sessions[server_id]
+        for encoder_id in [e for e, s in self.placed.items() if s == server_id]:
+            self._retry_later(encoder_id)
+
+    def _collect(self) -> None:
+        """Close the sessions (but the home) where nothing is watched any more."""
+        needed = set(self.placed.values())
+        for server_id, session in list(self.sessions.items()):
+            if session is self.home or server_id in needed:
+                continue
+            del self.sessions[server_id]
+            call = self._fallback_calls.pop(server_id, None)
+            if call is not None and call.active():
+                call.cancel()
+            session.stop()
+
+    # -- what the home says ----------------------------------------------
 
     def _listed(self, infos: tuple[m.EncoderInfo, ...]) -> None:
         for info in infos:
-            self._update(info)
-        for encoder_id in self.wanted:
+            self.infos[info.encoder_id] = info
+            self._hints.pop(info.encoder_id, None)
+        if self.on_list is not None:
+            self.on_list(infos)
+        for encoder_id in list(self.wanted):
             self._place(encoder_id)
+        self._collect()
 
     def _update(self, info: m.EncoderInfo) -> None:
         self.infos[info.encoder_id] = info
+        self._hints.pop(info.encoder_id, None)
         if self.on_update is not None:
             self.on_update(info)
         if info.encoder_id in self.wanted:
             self._place(info.encoder_id)
+            self._collect()
 
-    def _place(self, encoder_id: str, target: m.ServerInfo | None = None,
-               redirects: int = 0) -> None:
-        """Watch ``encoder_id`` on the server that hosts it (or at home while unknown)."""
-        if encoder_id not in self.wanted or (encoder_id in self._placing and target is None):
-            return
-        info = self.infos.get(encoder_id)
-        if target is not None:
-            server_id = target.server_id
-        elif info is not None and info.server_id:
-            server_id = info.server_id
-        else:
-            server_id = self.placed.get(encoder_id) or self.home.server_id
-        if not server_id:
-            return  # not logged in yet: placed once the home is ready
-        if self.placed.get(encoder_id) == server_id:
-            session = self.sessions.get(server_id)
-            if session is not None and encoder_id in session.watched:
-                return
-        session = self._session_for(server_id, target)
-        if session is None:
-            return
-        old = self.placed.get(encoder_id)
-        if old is not None and old != server_id:
-            self.moves += 1
-            previous = self.sessions.get(old)
-            if previous is not None and previous.control is not None:
-                previous.unwatch(encoder_id).addErrback(lambda _: None)
-        self.placed[encoder_id] = server_id
-        self._placing.add(encoder_id)
-        if session.relay is None:
-            # Its login is under way: place the encoder when it is ready.
-            self._placing.discard(encoder_id)
-            return
-        d = session.watch(encoder_id)
-        d.addCallbacks(self._placed, self._place_failed, errbackArgs=(encoder_id, redirects))
+    # -- media -------------------------------------------------------------
 
-    def _placed(self, watched: Watched) -> None:
-        self._placing.discard(watched.encoder_id)
-
-    def _place_failed(self, failure: Failure, encoder_id: str, redirects: int) -> None:
-        self._placing.discard(encoder_id)
-        error = failure.value
-        if isinstance(error, RedirectedTo) and redirects < self.MAX_REDIRECTS:
-            self._place(encoder_id, error.server, redirects + 1)
-        elif isinstance(error, ClientError) and error.code == ErrorCode.DUPLICATE:
-            pass  # already watched there
-        else:
-            log.info("cannot watch {e} yet: {f}", e=encoder_id, f=failure.getErrorMessage())
-
-    def _session_for(self, server_id: str, target: m.ServerInfo | None) -> ViewerClient | None:
-        session = self.sessions.get(server_id)
-        if session is not None:
-            return session
-        info = target or self.home.server_infos.get(server_id)
-        if info is None:
-            return None
-        session = ViewerClient(self.reactor, [Address(info.host, info.viewer_port)],
-                               self.account, self.password, self.tls,
-                               on_media=self._media, **self.client_kwargs)
-        session.on_session = lambda: self._session_ready(server_id)
-        self.sessions[server_id] = session
-        session.start().addErrback(lambda f: log.info("cannot log in to {s}: {f}",
-                                                      s=server_id, f=f.getErrorMessage()))
-        return session
-
-    def _session_ready(self, server_id: str) -> None:
-        for encoder_id in list(self.wanted):
-            if self.placed.get(encoder_id) == server_id or (
-                    self.infos.get(encoder_id) is not None
-                    and self.infos[encoder_id].server_id == server_id):
-                self._place(encoder_id)
-
-    def _media(self, encoder_id: str, media: m.Media) -> None:
-        if self.on_media is not None and encoder_id in self.wanted:
+    def _media(self, session: _ClusterSession, encoder_id: str, media: m.Media) -> None:
+        server_id = self.placed.get(encoder_id)
+        if server_id is None or self.sessions.get(server_id) is not session:
+            return  # from where it was watched before a move: the new place is the one
+        self.frames_by_server[server_id] = self.frames_by_server.get(server_id, 0) + 1
+        self._video_from[encoder_id] = server_id
+        if self.on_media is not None:
             self.on_media(encoder_id, media)

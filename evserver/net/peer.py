@@ -108,6 +108,14 @@ class PeerConnection(WireConnection):
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         self._handshake_call = None
+        if not self.established:
+            from evserver.cluster.ca import describe_tls_failure
+
+            peer = self.transport.getPeer() if self.transport is not None else None
+            log.info("peer connection {direction} {peer} failed: {why}",
+                     direction="from" if self.is_server else "to",
+                     peer=getattr(peer, "host", peer),
+                     why=describe_tls_failure(reason))
         self.cluster.peer_disconnected(self, reason)
 
 

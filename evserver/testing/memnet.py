@@ -6,6 +6,21 @@ the test's control, on a ``task.Clock``: no sockets, no real time.  Unlike
 that pauses a streaming producer past a high-water mark and resumes it when
 drained, readers that stop reading, aborts that drop buffered data, hosts
 that die, and links that are cut.
+
+For the cluster simulator it also models (all opt-in, so the older tests
+keep their exact behaviour):
+
+* ``freeze_host``: a stopped process (SIGSTOP).  Nothing is delivered to or
+  from it; a connection attempt to it succeeds at the TCP level (the kernel
+  accepts) but its application accepts only when it is thawed; a close by
+  the other side reaches it only when it is thawed.
+* ``crash_host``: a killed process.  Its kernel resets its connections (the
+  other ends hear it at once, unless the link is cut) and its own protocols
+  are told nothing: a dead process runs no code.
+* ``half_open=True``: a connection closed by one end while the link is cut
+  stays open at the other end (an "orphan"), which learns of it only when
+  the link heals (a reset) or when it closes the connection itself, as with
+  TCP.  Without it the other end is told at once, whatever the link.
 """
 
 from __future__ import annotations
@@ -55,6 +70,8 @@ class MemoryTransport:
         self.disconnecting = False
         self.disconnected = False
         self.aborted = False
+        #: The other end closed while this end could not hear it (half-open).
+        self.orphaned = False
         self.serial = next(_serial)
         self.bytes_written = 0
 
@@ -141,13 +158,20 @@ class MemoryTransport:
 class MemoryNetwork:
     """Listeners keyed by (host, port), connections moved by ``flush``."""
 
-    def __init__(self, clock: Clock | None = None, chunk: int = 64 * 1024) -> None:
+    def __init__(self, clock: Clock | None = None, chunk: int = 64 * 1024,
+                 half_open: bool = False) -> None:
         self.clock = clock or Clock()
         self.chunk = chunk
+        self.half_open = half_open
         self.listeners: dict[tuple[str, int], Factory] = {}
         self.connections: list[tuple[MemoryTransport, MemoryTransport]] = []
         self.down_hosts: set[str] = set()
         self.cut_links: set[frozenset[str]] = set()
+        self.frozen_hosts: set[str] = set()
+        #: Ends whose peer closed while they could not hear it (see ``half_open``).
+        self.orphans: list[MemoryTransport] = []
+        #: Connections to a frozen host, accepted by its kernel, not yet by it.
+        self._held_accepts: list[tuple[IProtocolFactory, MemoryTransport, MemoryTransport]] = []
         self._client_ports = itertools.count(40000)
 
     # -- topology --------------------------------------------------------
@@ -164,7 +188,14 @@ class MemoryNetwork:
 
     def reachable(self, a: str, b: str) -> bool:
         return (a not in self.down_hosts and b not in self.down_hosts
+                and a not in self.frozen_hosts and b not in self.frozen_hosts
                 and frozenset((a, b)) not in self.cut_links)
+
+    def _hears(self, t: MemoryTransport) -> bool:
+        """Whether the end ``t`` would hear a reset from the other end now."""
+        here = t.host.host
+        return (here not in self.down_hosts and here not in self.frozen_hosts
+                and frozenset((here, t.peer_address.host)) not in self.cut_links)
 
     def kill_host(self, host: str) -> None:
         """The host's process died: its listeners vanish, its connections reset."""
@@ -177,6 +208,41 @@ class MemoryNetwork:
 
     def revive_host(self, host: str) -> None:
         self.down_hosts.discard(host)
+
+    def crash_host(self, host: str) -> None:
+        """The host's process was killed: like ``kill_host``, but its own protocols
+        are told nothing (it runs no code any more), the other ends hear the
+        kernel's reset at once unless the link is cut, and a frozen process
+        can be crashed too."""
+        self.frozen_hosts.discard(host)
+        self.down_hosts.add(host)
+        for key in [k for k in self.listeners if k[0] == host]:
+            del self.listeners[key]
+        self._held_accepts = [h for h in self._held_accepts if h[1].host.host != host]
+        self.orphans = [t for t in self.orphans if t.host.host != host]
+        for a, b in list(self.connections):
+            if host in (a.host.host, b.host.host):
+                for t in (a, b):
+                    t.outbuf.clear()
+                    t.outbytes = 0
+                    if t.host.host == host:
+                        t.disconnected = t.disconnecting = True  # silently
+                self._close(a, b, error.ConnectionLost("connection reset"))
+
+    def freeze_host(self, host: str) -> None:
+        """The host's process stops (SIGSTOP): no traffic in or out, no accepts."""
+        self.frozen_hosts.add(host)
+
+    def thaw_host(self, host: str) -> None:
+        """The host's process continues: it accepts what its kernel queued meanwhile;
+        the resets and data held for it are delivered by the next ``pump``."""
+        self.frozen_hosts.discard(host)
+        held, self._held_accepts = self._held_accepts, []
+        for factory, st, ct in held:
+            if st.host.host != host:
+                self._held_accepts.append((factory, st, ct))
+            elif not st.disconnected:
+                self._accept(factory, st, ct)
 
     def cut(self, a: str, b: str) -> None:
         """Silently drop traffic between two hosts (no reset: only keepalives notice)."""
@@ -192,6 +258,9 @@ class MemoryNetwork:
         factory = self.listeners.get((host, port))
         if factory is None or host in self.down_hosts or source in self.down_hosts:
             return defer.fail(error.ConnectionRefusedError(f"{host}:{port}"))
+        if host in self.frozen_hosts and source not in self.frozen_hosts and (
+                frozenset((source, host)) not in self.cut_links):
+            return self._connect_to_frozen(factory, source, host, port, client_factory)
         if not self.reachable(source, host):
             d: Deferred[Any] = Deferred()
             self.clock.callLater(timeout, d.errback,
@@ -210,6 +279,32 @@ class MemoryNetwork:
         server_proto.makeConnection(st)
         client_proto.makeConnection(ct)
         return defer.succeed(client_proto)
+
+    def _connect_to_frozen(self, factory: IProtocolFactory, source: str, host: str, port: int,
+                           client_factory: IProtocolFactory) -> Deferred[Any]:
+        """The kernel of a frozen host completes the handshake; the process accepts later."""
+        client_addr = IPv4Address("TCP", source, next(self._client_ports))
+        server_addr = IPv4Address("TCP", host, port)
+        client_proto = client_factory.buildProtocol(server_addr)
+        if client_proto is None:
+            return defer.fail(error.ConnectionRefusedError("factory refused"))
+        st = MemoryTransport(self, None, server_addr, client_addr)
+        ct = MemoryTransport(self, client_proto, client_addr, server_addr)
+        st.other, ct.other = ct, st
+        self.connections.append((ct, st))
+        self._held_accepts.append((factory, st, ct))
+        client_proto.makeConnection(ct)
+        return defer.succeed(client_proto)
+
+    def _accept(self, factory: IProtocolFactory, st: MemoryTransport,
+                ct: MemoryTransport) -> None:
+        server_proto = factory.buildProtocol(ct.host)
+        if server_proto is None:
+            st.disconnected = st.disconnecting = True
+            self._close(ct, st, error.ConnectionLost("connection reset"))
+            return
+        st.protocol = server_proto
+        server_proto.makeConnection(st)
 
     # -- moving ----------------------------------------------------------
 
@@ -236,10 +331,37 @@ class MemoryNetwork:
         if (a, b) in self.connections:
             self.connections.remove((a, b))
         for t in (a, b):
-            if not t.disconnected:
-                t.disconnected = True
-                t.disconnecting = True
-                t.protocol.connectionLost(Failure(reason))
+            if t.disconnected or t.orphaned:
+                continue
+            if t.protocol is None:  # a frozen host's kernel accepted it; the process never will
+                t.disconnected = t.disconnecting = True
+                continue
+            if t.host.host in self.frozen_hosts or (self.half_open and not self._hears(t)):
+                t.orphaned = True
+                self.orphans.append(t)
+                continue
+            t.disconnected = True
+            t.disconnecting = True
+            t.protocol.connectionLost(Failure(reason))
+
+    def _settle_orphans(self) -> bool:
+        """Tell orphans that can hear again (a reset) or that closed themselves."""
+        moved = False
+        for t in list(self.orphans):
+            if t.disconnecting:
+                reason: Exception = (error.ConnectionLost("aborted") if t.aborted
+                                     else error.ConnectionDone("closed"))
+            elif self._hears(t):
+                reason = error.ConnectionLost("connection reset")
+            else:
+                continue
+            self.orphans.remove(t)
+            t.outbuf.clear()
+            t.outbytes = 0
+            t.disconnected = t.disconnecting = True
+            t.protocol.connectionLost(Failure(reason))
+            moved = True
+        return moved
 
     def pump(self) -> bool:
         """Move one chunk each way on every connection; close finished ones."""
@@ -254,6 +376,8 @@ class MemoryNetwork:
                     self._close(a, b, reason)
                     moved = True
                     break
+        if self.orphans:
+            moved |= self._settle_orphans()
         return moved
 
     def flush(self, limit: int = 100_000) -> None:

@@ -1,16 +1,25 @@
-"""``make demo``: a server, three encoders streaming a test pattern, and a viewer, on loopback.
+"""``make demo``: a three-server cluster, encoders streaming a test pattern, and a viewer.
 
 Run ``python -m evserver.tools.demo [--duration S] [--data DIR]``.  It
 
-1. makes a data directory (a temporary one unless ``--data``) with the
-   domain ``demo``, the account ``demo`` (password ``demo``) and encoders
-   ``cam1``..``cam3``, through the Store API;
-2. starts ``twistd -n evserver`` (TLS, loopback) as a subprocess;
-3. starts one ``ev-encoder`` process running the encoders on ``--source
-   testsrc`` and one ``ev-viewer`` watching all of them, decoding every
-   frame and printing its progress every few seconds;
-4. prints what runs where and how to watch a stream with ``ev-viewer``;
-5. stops everything cleanly on Ctrl-C or SIGTERM, or after ``--duration``.
+1. makes a data folder (a temporary one unless ``--data``) with one data
+   directory per server, turns them into one cluster (``evserver-ctl msr
+   enable`` on the first, ``msr provision`` of the others, see
+   :mod:`evserver.tools.cluster`) and provisions the domain ``demo``, the
+   account ``demo`` (password ``demo``, an administrator) and the encoders
+   ``cam1``..``camN``;
+2. starts three ``twistd -n evserver`` (TLS, loopback; the usual ports
+   5510/5520/5530/9443/47100 for the first server and the next ones up for
+   the others when they are free) and waits until each sees the others alive;
+3. starts one ``ev-encoder`` process per server running that server's share
+   of the encoders (``--source testsrc``), each with ``--server`` listing
+   every server starting with its own, so the encoders are spread over the
+   cluster and move to another server if theirs goes away;
+4. starts one ``ev-viewer`` given every server, watching every encoder on
+   the server that hosts it (it follows the encoders across servers),
+   decoding every frame and printing its progress every few seconds;
+5. prints what runs where, and stops everything cleanly on Ctrl-C or
+   SIGTERM, or after ``--duration``.
 
 The exit status is 0 if the viewer received and decoded frames from every
 encoder without a decode error.
@@ -36,7 +45,15 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from evserver.store import Store, StoreError
+from evserver.store import StoreError
+from evserver.tools.cluster import (
+    ACCOUNT,
+    DOMAIN,
+    PASSWORD,
+    ClusterError,
+    LocalCluster,
+    encoder_ids,
+)
 from evserver.tools.common import (
     EXIT_ERROR,
     EXIT_OK,
@@ -50,7 +67,6 @@ from evserver.tools.common import (
 from evserver.tools.procs import (
     Ports,
     ProcessError,
-    ServerProcess,
     child_env,
     spawn_tool,
     stop_process,
@@ -58,11 +74,9 @@ from evserver.tools.procs import (
 )
 
 PROG = "evserver-demo"
-DOMAIN = "demo"
-ACCOUNT = "demo"
-PASSWORD = "demo"
-SECRETS_FILE = "demo-secrets.json"
-DEFAULT_PORTS = Ports(encoder=5510, viewer=5520, relay=5530, admin=9443)
+SERVERS = 3
+#: The first server's ports; server ``i`` (from 0) uses each plus ``i``.
+DEFAULT_PORTS = Ports(encoder=5510, viewer=5520, relay=5530, admin=9443, peer=47100)
 #: Seconds the encoders may take to connect before the demo gives up.
 CONNECT_TIMEOUT = 20.0
 #: A bound for the viewer of an unbounded demo (the demo stops it long before).
@@ -72,16 +86,16 @@ FOREVER = 366 * 24 * 3600.0
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog=PROG,
-        description="Run an evserver on loopback with encoders streaming a test pattern and "
-                    "a viewer watching them.",
+        description="Run a three-server evserver cluster on loopback with encoders streaming "
+                    "a test pattern and a viewer watching them.",
     )
     parser.add_argument("--data", metavar="DIR",
-                        help="data directory to use and keep (default: a temporary one, "
-                             "removed at the end)")
+                        help="folder for the servers' data directories, kept (default: a "
+                             "temporary one, removed at the end)")
     parser.add_argument("--duration", type=positive_float, metavar="SECONDS",
                         help="stop after this many seconds of viewing (default: at Ctrl-C)")
     parser.add_argument("--encoders", type=positive_int, default=3, metavar="N",
-                        help="how many encoders (default 3)")
+                        help="how many encoders, spread over the servers (default 3)")
     parser.add_argument("--size", type=frame_size, default=(640, 360), metavar="WxH",
                         help="test pattern size (default 640x360)")
     parser.add_argument("--fps", type=positive_float, default=25.0)
@@ -97,51 +111,6 @@ def build_parser() -> ArgumentParser:
 # Set-up
 
 
-def provision(data_dir: Path, count: int) -> dict[str, str]:
-    """Domain, account and encoders in the data directory's store; returns the secrets.
-
-    Re-running on a kept data directory reuses what is there: the secrets
-    are kept in ``DATA/demo-secrets.json`` (mode 0600) and an encoder whose
-    secret is lost is registered again.
-    """
-    secrets_path = data_dir / SECRETS_FILE
-    known: dict[str, str] = {}
-    with contextlib.suppress(OSError, ValueError):
-        loaded = json.loads(secrets_path.read_text(encoding="utf-8"))
-        if isinstance(loaded, dict):
-            known = {str(k): str(v) for k, v in loaded.items()}
-    secrets: dict[str, str] = {}
-    with Store.in_data_dir(data_dir) as store:
-        if store.get_domain(DOMAIN) is None:
-            store.add_domain(DOMAIN)
-        account = store.get_account(ACCOUNT)
-        if account is None:
-            # An administrator too, so the same login opens the admin site.
-            store.add_account(DOMAIN, ACCOUNT, PASSWORD, role="admin")
-        elif account.domain != DOMAIN:
-            raise StoreError(f"account {ACCOUNT!r} exists in domain {account.domain!r}, "
-                             f"not {DOMAIN!r}: use another --data directory")
-        else:
-            store.set_password(ACCOUNT, PASSWORD)
-            store.set_role(ACCOUNT, "admin")
-        for n in range(1, count + 1):
-            encoder_id = f"cam{n}"
-            record = store.get_encoder(encoder_id)
-            secret = known.get(encoder_id)
-            if record is not None and (record.domain != DOMAIN or secret is None
-                                       or store.verify_encoder(encoder_id, secret) is None):
-                store.delete_encoder(encoder_id)
-                record = None
-            if record is None:
-                _, secret = store.add_encoder(DOMAIN, encoder_id, f"Demo camera {n}")
-            assert secret is not None
-            secrets[encoder_id] = secret
-    fd = os.open(secrets_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(secrets, f, indent=2)
-    return secrets
-
-
 def _free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         try:
@@ -151,11 +120,18 @@ def _free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def choose_ports() -> Ports:
-    """The usual ports if they are all free, else any free ones."""
-    if all(_free(p) for p in DEFAULT_PORTS.as_dict().values()):
-        return DEFAULT_PORTS
-    return Ports.free()
+def choose_ports(count: int = SERVERS) -> list[Ports]:
+    """The usual ports (the first server's, then one up per server) if all are free,
+    else free ones."""
+    wanted = [Ports(*(p + i for p in DEFAULT_PORTS.as_dict().values())) for i in range(count)]
+    if all(_free(p) for ports in wanted for p in ports.as_dict().values()):
+        return wanted
+    return [Ports.free() for _ in range(count)]
+
+
+def share(encoders: Sequence[str], servers: int, index: int) -> list[str]:
+    """The encoders that server ``index`` hosts first: every ``servers``-th one."""
+    return list(encoders[index::servers])
 
 
 def tool_name(name: str, module: str) -> str:
@@ -243,10 +219,10 @@ class Demo:
         self.err = err
         self.stop_requested: str | None = None
         self.temporary = args.data is None
-        self.data_dir = Path(args.data if args.data else
-                             tempfile.mkdtemp(prefix="evserver-demo-")).absolute()
-        self.server: ServerProcess | None = None
-        self.encoder: subprocess.Popen[bytes] | None = None
+        self.root = Path(args.data if args.data else
+                         tempfile.mkdtemp(prefix="evserver-demo-")).absolute()
+        self.cluster: LocalCluster | None = None
+        self.encoders: list[subprocess.Popen[bytes]] = []
         self.viewer: subprocess.Popen[bytes] | None = None
         self.readers: list[_Lines] = []
         self.env = child_env()
@@ -262,58 +238,67 @@ class Demo:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return self._run()
-        except (ProcessError, StoreError, OSError) as e:
-            print_error(PROG, str(e).splitlines()[0], self.err)
-            if self.server is not None and not isinstance(e, ProcessError):
-                self.err.write(self.server.log_tail() + "\n")
-            elif isinstance(e, ProcessError):
-                self.err.write("\n".join(str(e).splitlines()[1:]) + "\n")
+        except (ClusterError, ProcessError, StoreError, OSError) as e:
+            lines = str(e).splitlines() or [type(e).__name__]
+            print_error(PROG, lines[0], self.err)
+            if len(lines) > 1:
+                self.err.write("\n".join(lines[1:]) + "\n")
             return EXIT_ERROR
         finally:
             self.shutdown()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             if self.temporary:
-                shutil.rmtree(self.data_dir, ignore_errors=True)
+                shutil.rmtree(self.root, ignore_errors=True)
 
     def _run(self) -> int:
         args = self.args
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        secrets = provision(self.data_dir, args.encoders)
-        self.server = ServerProcess(self.data_dir, ports=choose_ports(), tls=not args.plain,
-                                    env=self.env, name="evserver")
-        self.server.start()
+        self.root.mkdir(parents=True, exist_ok=True)
+        cluster = self.cluster = LocalCluster(SERVERS, self.root, tls=not args.plain,
+                                              ports=choose_ports(), env=self.env)
+        cluster.form()
+        ids = encoder_ids(args.encoders)
+        cluster.provision(ids, names=lambda e: f"Demo camera {e.removeprefix('cam')}")
+        cluster.start()
         if self.stop_requested:
             return EXIT_OK
-        server = self.server
+        cluster.wait_whole(should_stop=lambda: self.stop_requested is not None)
+        tls = cluster.client_tls_args()
         width, height = args.size
-        self.encoder = spawn_tool("encoder", [
-            "--server", server.address("encoder"), *server.tls_args(),
-            "--secrets-file", str(self.data_dir / SECRETS_FILE), "--id-prefix", "cam",
-            "--count", str(len(secrets)), "--source", "testsrc", "--size", f"{width}x{height}",
-            "--fps", str(args.fps), "--bitrate", str(args.bitrate),
-        ], env=self.env)
-        encoder_lines = _Lines("encoder", self.encoder, self.out)
-        self.readers.append(encoder_lines)
-        if not self._wait_for(encoder_lines, "encoder(s) connected", CONNECT_TIMEOUT):
-            return EXIT_OK if self.stop_requested else EXIT_ERROR
+        for index in range(SERVERS):
+            mine = share(ids, SERVERS, index)
+            if not mine:
+                continue
+            servers = [a for address in cluster.addresses("encoder", index)
+                       for a in ("--server", address)]
+            process = spawn_tool("encoder", [
+                *servers, *tls, "--secrets-file", str(cluster.secrets_path),
+                *(a for e in mine for a in ("--id", e)), "--source", "testsrc",
+                "--size", f"{width}x{height}", "--fps", str(args.fps),
+                "--bitrate", str(args.bitrate),
+            ], env=self.env)
+            self.encoders.append(process)
+            self.readers.append(_Lines(f"encoder{index + 1}", process, self.out))
+        for lines in list(self.readers):
+            if not self._wait_for(lines, "encoder(s) connected", CONNECT_TIMEOUT):
+                return EXIT_OK if self.stop_requested else EXIT_ERROR
         viewer_duration = FOREVER if args.duration is None else args.duration + 60
         self.viewer = spawn_tool("viewer", [
-            "--server", server.address("viewer"), *server.tls_args(),
-            "--account", ACCOUNT, "--password", PASSWORD, "--watch-all", "--decode",
+            *(a for address in cluster.addresses("viewer") for a in ("--server", address)),
+            *tls, "--account", ACCOUNT, "--password", PASSWORD, "--watch-all", "--decode",
             "--duration", str(viewer_duration), "--stats-interval", str(args.stats_interval),
             "--json",
         ], env=self.env)
         viewer_lines = _Lines("viewer", self.viewer, self.out)
         self.readers.append(viewer_lines)
-        self._banner(sorted(secrets))
+        self._banner(ids)
         deadline = None if args.duration is None else time.monotonic() + args.duration
         failure = self._supervise(deadline)
         if failure is not None:
             print_error(PROG, failure, self.err)
             return EXIT_ERROR
         self.say(f"{PROG}: stopping ({self.stop_requested or 'duration reached'})")
-        return self._finish(viewer_lines, sorted(secrets))
+        return self._finish(viewer_lines, ids)
 
     def _wait_for(self, lines: _Lines, marker: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -336,6 +321,7 @@ class Demo:
     def _supervise(self, deadline: float | None) -> str | None:
         """Forward output until the deadline or a signal; a message if something died."""
         selector = selectors.DefaultSelector()
+        gone: set[str] = set()
         for reader in self.readers:
             selector.register(reader.fd, selectors.EVENT_READ, reader)
         try:
@@ -351,15 +337,19 @@ class Demo:
                         reader.drain()
                         return (f"the {reader.name} exited unexpectedly with status "
                                 f"{reader.process.returncode}")
-                assert self.server is not None
-                if not self.server.running:
-                    return (f"the server exited unexpectedly with status "
-                            f"{self.server.returncode}; its log:\n{self.server.log_tail()}")
+                assert self.cluster is not None
+                for server in self.cluster.servers:
+                    if not server.running and server.name not in gone:
+                        gone.add(server.name)
+                        self.say(f"{PROG}: server {server.name} exited with status "
+                                 f"{server.returncode}; the others carry on")
+                if len(gone) == len(self.cluster.servers):
+                    return "every server has exited"
             return None
         finally:
             selector.close()
 
-    def _finish(self, viewer_lines: _Lines, encoder_ids: list[str]) -> int:
+    def _finish(self, viewer_lines: _Lines, ids: list[str]) -> int:
         assert self.viewer is not None
         status = stop_process(self.viewer)
         viewer_lines.drain()
@@ -372,11 +362,16 @@ class Demo:
                  f"({report['bytes']} bytes) in {report['duration_s']:.1f} s, decoded "
                  f"{report['decoded_frames']} with {report['decode_errors']} decode errors; "
                  f"latency p50 {report['latency_p50_ms']} ms, p99 {report['latency_p99_ms']} ms")
-        for encoder_id in encoder_ids:
+        used = report.get("servers_used")
+        if used is not None:
+            names = self._server_names()
+            self.say(f"{PROG}:   video came from {len(used)} server(s): "
+                     f"{', '.join(names.get(s, s) for s in used)}")
+        for encoder_id in ids:
             p = per.get(encoder_id, {})
             self.say(f"{PROG}:   {encoder_id}: {p.get('frames', 0)} frames, "
                      f"{p.get('decoded_frames', 0)} decoded, {p.get('gaps', 0)} gaps")
-        silent = [e for e in encoder_ids if not per.get(e, {}).get("decoded_frames")]
+        silent = [e for e in ids if not per.get(e, {}).get("decoded_frames")]
         if silent:
             print_error(PROG, f"no decoded video from {', '.join(silent)}", self.err)
             return EXIT_ERROR
@@ -385,46 +380,58 @@ class Demo:
             return EXIT_ERROR
         return EXIT_OK
 
-    def _banner(self, encoder_ids: list[str]) -> None:
-        assert self.server is not None and self.viewer is not None and self.encoder is not None
-        s = self.server
+    def _server_names(self) -> dict[str, str]:
+        assert self.cluster is not None
+        return {sid: s.name for sid, s in zip(self.cluster.server_ids, self.cluster.servers,
+                                             strict=True)}
+
+    def _banner(self, ids: list[str]) -> None:
+        assert self.cluster is not None and self.viewer is not None
+        c = self.cluster
         a = self.args
-        tls = " ".join(shlex.quote(x) for x in s.tls_args())
+        tls = " ".join(shlex.quote(x) for x in c.client_tls_args())
         viewer = tool_name("ev-viewer", "viewer")
-        login = f"--server {s.address('viewer')} {tls} --account {ACCOUNT} --password {PASSWORD}"
+        servers = " ".join(f"--server {address}" for address in c.addresses("viewer"))
+        login = f"{servers} {tls} --account {ACCOUNT} --password {PASSWORD}"
         kept = ("removed at the end; use --data DIR to keep one" if self.temporary
                 else "kept")
         width, height = a.size
         lines = [
             "",
-            "evserver demo is running:",
-            f"  data directory   {self.data_dir} ({kept})",
-            f"  server           twistd -n evserver, pid {s.pid}, "
-            f"{'plain TCP' if not s.tls else 'TLS'}; log {s.log_path}",
-            f"    encoder control {s.address('encoder')}, viewer control "
-            f"{s.address('viewer')}, video relay {s.address('relay')}, admin "
-            f"{s.address('admin')}",
+            f"evserver demo is running: a cluster of {SERVERS} servers "
+            f"({'plain TCP' if not c.tls else 'TLS'} for clients, mutual TLS between servers)",
+            f"  data folder      {self.root} ({kept})",
         ]
-        if s.tls:
-            lines.append(f"    certificate     {s.ca_path}")
+        for index, (server, sid) in enumerate(zip(c.servers, c.server_ids, strict=True)):
+            mine = share(ids, SERVERS, index)
+            lines += [
+                f"  server {server.name}        id {sid}, twistd pid {server.pid}, log "
+                f"{server.log_path}",
+                f"    encoder control {server.address('encoder')}, viewer control "
+                f"{server.address('viewer')}, video relay {server.address('relay')}, peer "
+                f"{server.address('peer')}",
+                f"    admin site      https://{server.address('admin')}/",
+                f"    encoders        {', '.join(mine) if mine else '(none)'}"
+                + (f" in ev-encoder pid {self.encoders[index].pid}" if mine else ""),
+            ]
+        if c.tls:
+            lines.append(f"  certificates     {c.root / 'ca-bundle.pem'} (every server's own, "
+                         f"self-signed)")
         lines += [
             f"  domain           {DOMAIN}: account {ACCOUNT}, password {PASSWORD} "
-            f"(an administrator)",
-            f"  admin site       https://{s.address('admin')}/ (log in as {ACCOUNT}; the "
-            f"certificate is the server's own, self-signed)",
-            f"  encoders         {', '.join(encoder_ids)} in one ev-encoder (pid "
-            f"{self.encoder.pid}): test pattern {width}x{height}, {a.fps:g} fps, "
+            f"(an administrator: the same login opens every admin site)",
+            f"  encoders         test pattern {width}x{height}, {a.fps:g} fps, "
             f"{a.bitrate / 1e6:g} Mbit/s, streaming while watched; secrets in "
-            f"{self.data_dir / SECRETS_FILE}",
-            f"  viewer           ev-viewer (pid {self.viewer.pid}) watching all of them, "
-            f"decoding every frame",
+            f"{c.secrets_path}",
+            f"  viewer           ev-viewer (pid {self.viewer.pid}) given every server, "
+            f"watching all encoders where they are hosted, decoding every frame",
             "",
             "Watch yourself, from another terminal:",
             f"  {viewer} {login} --list",
-            f"  {viewer} {login} --watch {encoder_ids[0]} --out {encoder_ids[0]}.h264 "
-            f"--decode --duration 10",
-            f"  then play {encoder_ids[0]}.h264 with any player of raw H.264 "
-            "(ffplay, mpv, vlc).",
+            f"  {viewer} {login} --watch {ids[0]} --out {ids[0]}.h264 --decode --duration 10",
+            f"  then play {ids[0]}.h264 with any player of raw H.264 (ffplay, mpv, vlc).",
+            f"Try a failover: kill -9 {c.servers[0].pid} (server s1): its encoders move to "
+            f"another server and the viewer resumes by itself.",
             "",
             "Stop with Ctrl-C." if a.duration is None else f"Stops after {a.duration:g} s.",
             "",
@@ -433,16 +440,16 @@ class Demo:
             self.say(line)
 
     def shutdown(self) -> None:
-        """Stop the viewer, the encoders, then the server; SIGKILL what does not stop."""
-        for process in (self.viewer, self.encoder):
+        """Stop the viewer, the encoders, then the servers; SIGKILL what does not stop."""
+        for process in (self.viewer, *self.encoders):
             if process is not None:
                 stop_process(process)
         for reader in self.readers:
             reader.drain(0.5)
             if reader.process.stdout is not None:
                 reader.process.stdout.close()
-        if self.server is not None:
-            self.server.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -146,7 +146,9 @@ class ServerProcess:
     options (cluster options, limits...).  ``twistd`` defaults to the one
     beside ``sys.executable``; ``env`` to :func:`child_env`.
     ``wait_for`` names the listeners that must be up before :meth:`start`
-    returns (default: encoder, viewer and relay).
+    returns (default: encoder, viewer and relay).  ``command_prefix`` runs
+    twistd through another command (``ip netns exec NS`` for a server in a
+    network namespace); it must exec twistd in the same process.
     """
 
     def __init__(self, data_dir: str | os.PathLike[str], *, ports: Ports | None = None,
@@ -155,7 +157,7 @@ class ServerProcess:
                  env: Mapping[str, str] | None = None, twistd: str | os.PathLike[str] | None = None,
                  log_path: str | os.PathLike[str] | None = None,
                  wait_for: Iterable[str] = ("encoder", "viewer", "relay"),
-                 name: str = "evserver") -> None:
+                 name: str = "evserver", command_prefix: Sequence[str] = ()) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.host = host
         self.external_host = external_host or host
@@ -167,6 +169,7 @@ class ServerProcess:
                          else self.data_dir / "server.log").absolute()
         self.wait_for = tuple(wait_for)
         self.name = name
+        self.command_prefix = list(command_prefix)
         self._fixed_ports = ports is not None
         self.ports = ports or Ports.free(host)
         self.process: subprocess.Popen[bytes] | None = None
@@ -190,8 +193,8 @@ class ServerProcess:
     def argv(self) -> list[str]:
         endpoint = f"interface={self.host}" if ":" not in self.host else (
             "interface=" + self.host.replace(":", "\\:"))
-        args = [str(self.twistd), "-n", "--pidfile=", "--logfile=-", "evserver",
-                "--data", str(self.data_dir), "--external-host", self.external_host]
+        args = [*self.command_prefix, str(self.twistd), "-n", "--pidfile=", "--logfile=-",
+                "evserver", "--data", str(self.data_dir), "--external-host", self.external_host]
         for which, port in self.ports.as_dict().items():
             args += [f"--{which}-port", f"tcp:{port}:{endpoint}"]
         if not self.tls:
@@ -277,6 +280,20 @@ class ServerProcess:
                                    f"{timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}")
             time.sleep(POLL_INTERVAL)
 
+    def spawn(self) -> None:
+        """Start the process without waiting; :meth:`wait_listening` waits for it."""
+        if self.running:
+            raise ProcessError(f"{self.name} is running already (pid {self.pid})")
+        self._spawn()
+
+    def wait_listening(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until a spawned server listens; kill it and raise ProcessError if it does not."""
+        try:
+            self._wait_listening(timeout)
+        except ProcessError:
+            self.kill()
+            raise
+
     def signal(self, signum: int) -> None:
         if self.running:
             assert self.process is not None
@@ -329,6 +346,22 @@ class ServerProcess:
         return f"<ServerProcess {self.name} {self.host} {self.ports} {state}>"
 
 
+def start_all(servers: Sequence[ServerProcess], timeout: float = START_TIMEOUT) -> None:
+    """Start several servers at once (on their given ports) and wait until all listen.
+
+    If one does not come up, every one of them is killed and ProcessError raised.
+    """
+    try:
+        for server in servers:
+            server.spawn()
+        for server in servers:
+            server.wait_listening(timeout)
+    except BaseException:
+        for server in servers:
+            server.kill()
+        raise
+
+
 def stop_process(process: subprocess.Popen[Any], timeout: float = STOP_TIMEOUT,
                  signum: int = signal.SIGTERM) -> int:
     """Send ``signum`` (default SIGTERM), wait up to ``timeout``, then SIGKILL."""
@@ -345,10 +378,17 @@ def stop_process(process: subprocess.Popen[Any], timeout: float = STOP_TIMEOUT,
 def spawn_tool(module: str, args: Sequence[str], *, env: Mapping[str, str] | None = None,
                stdout: IO[Any] | int | None = subprocess.PIPE,
                stderr: IO[Any] | int | None = subprocess.STDOUT,
-               cwd: str | os.PathLike[str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``python -m evserver.tools.<module> ARGS`` in its own session."""
+               cwd: str | os.PathLike[str] | None = None,
+               stdin: IO[Any] | int | None = subprocess.DEVNULL,
+               command_prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """Start ``python -m evserver.tools.<module> ARGS`` in its own session.
+
+    ``command_prefix`` runs it through another command that execs it in the
+    same process (``ip netns exec NS``).
+    """
     return subprocess.Popen(
-        tool_command(module, *args), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+        [*command_prefix, *tool_command(module, *args)], stdin=stdin, stdout=stdout,
+        stderr=stderr,
         env=dict(env) if env is not None else child_env(), cwd=cwd, start_new_session=True,
         preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )

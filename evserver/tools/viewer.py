@@ -11,11 +11,20 @@ Examples::
 Every run that watches is bounded by ``--frames`` (frames received, all
 encoders together) and/or ``--duration``.  At the end ``--json`` prints one
 object: frames, bytes, keyframes, gaps, latency p50/p99, decoded frames and
-decode errors, with a per-encoder breakdown.
+decode errors, the servers the video came from (``servers_used``) and how
+many times a watch moved to another server (``moves``), with a per-encoder
+breakdown.
+
+The viewer follows the cluster (``ClusterViewer``): it logs in to the first
+reachable ``--server`` (then to any server of the cluster's list), watches
+each encoder on the server hosting it, follows redirects, and moves a watch
+when its encoder moves (a failover): video resumes without any action.
 
 * A *gap* is a jump of a stream's ``timestamp_us`` by more than 1.5 times
   the median frame interval of that stream (or backwards), or a stream whose
-  first frame is not a keyframe.
+  first frame is not a keyframe.  A failover pause is a jump, hence a gap;
+  the frames after it are counted and decoded as usual (after a change of
+  server, decoding starts again at a keyframe, as the new server sends one).
 * *Latency* is the receipt time (``time.time()``) minus the frame's
   ``capture_time_us`` as stamped by the encoder: meaningful when both run on
   one machine or on synchronised clocks.
@@ -38,7 +47,7 @@ import attrs
 from twisted.python.failure import Failure
 
 from evserver.media import AnnexBWriter, Codec, H264Checker, MediaError, Sample
-from evserver.net.client import Address, ClientError, TLSConfig, ViewerClient
+from evserver.net.client import Address, ClientError, ClusterViewer, TLSConfig
 from evserver.tools.common import (
     EXIT_ERROR,
     EXIT_INCOMPLETE,
@@ -154,12 +163,19 @@ class StreamStats:
     waiting_for_keyframe: bool = True
     undecodable: int = 0
     skipped_before_keyframe: int = 0
+    #: The servers the frames came from, in order (a server again after a move back).
+    servers: list[str] = attrs.field(factory=list)
     #: (time, frames, bytes) at the last progress line; None before the first.
     last_report: tuple[float, int, int] | None = None
 
-    def add(self, media: m.Media, received_us: int, decode: bool) -> None:
+    def add(self, media: m.Media, received_us: int, decode: bool, server: str = "") -> None:
         if self.frames == 0:
             self.first_keyframe = media.keyframe
+        if server and (not self.servers or self.servers[-1] != server):
+            if self.servers:
+                # Resumed on another server: its stream starts at a keyframe.
+                self.waiting_for_keyframe = True
+            self.servers.append(server)
         self.frames += 1
         self.bytes += len(media.payload)
         self.keyframes += media.keyframe
@@ -195,6 +211,7 @@ class StreamStats:
             "latency_p99_ms": None if p99 is None else round(p99, 3),
             "decoded_frames": None,
             "decode_errors": None,
+            "servers": list(self.servers),
         }
         if decode:
             checker = self.checker
@@ -207,16 +224,6 @@ class StreamStats:
         return figures
 
 
-class _ToolViewer(ViewerClient):
-    """A ViewerClient that tells the tool when its session is (re)made or given up."""
-
-    on_session_lost: Callable[[ClientError], None] | None = None
-
-    def on_final_error(self, error: ClientError) -> None:
-        if self.on_session_lost is not None:
-            self.on_session_lost(error)
-
-
 # --------------------------------------------------------------------------
 # The run
 
@@ -224,8 +231,8 @@ class _ToolViewer(ViewerClient):
 class ViewerRun(ToolRun):
     """One ``ev-viewer`` run: log in, then list or watch until a bound is reached.
 
-    ``client_kwargs`` go to the ViewerClient (tests pass an in-memory
-    ``connector``); ``wallclock`` gives the receipt time for latencies.
+    ``client_kwargs`` go to the ClusterViewer's sessions (tests pass an
+    in-memory ``connector``); ``wallclock`` gives the receipt time for latencies.
     """
 
     prog = PROG
@@ -257,7 +264,7 @@ class ViewerRun(ToolRun):
         self.stats_interval = stats_interval
         self.wallclock = wallclock
         self.client_kwargs = client_kwargs or {}
-        self.client: _ToolViewer | None = None
+        self.client: ClusterViewer | None = None
         self.streams: dict[str, StreamStats] = {}
         self.total_frames = 0
         self.writer: AnnexBWriter | None = None
@@ -275,11 +282,10 @@ class ViewerRun(ToolRun):
                 self.writer = AnnexBWriter(self.out_path, skip_until_keyframe=True)
             except OSError as e:
                 raise ToolError(f"cannot write {self.out_path!r}: {e.strerror or e}") from None
-        client = _ToolViewer(self.reactor, list(self.servers), self.account, self.password,
-                             self.tls, on_media=self._media, on_update=self._update,
-                             **self.client_kwargs)
-        client.on_session = self._session
-        client.on_session_lost = self._lost_for_good
+        client = ClusterViewer(self.reactor, list(self.servers), self.account, self.password,
+                               self.tls, on_media=self._media, on_update=self._update,
+                               on_list=self._listed, on_watch_error=self._watch_refused,
+                               on_final_error=self._lost_for_good, **self.client_kwargs)
         self.client = client
         client.start().addCallbacks(self._logged_in, self._login_failed)
         if self.stats_interval is not None and not self.list_only:
@@ -295,26 +301,21 @@ class ViewerRun(ToolRun):
     def _lost_for_good(self, error: ClientError) -> None:
         self.fail(Failure(ToolError(describe_client_error(error, "connection given up", self.tls))))
 
-    def _logged_in(self, client: ViewerClient) -> None:
+    def _logged_in(self, client: ClusterViewer) -> None:
         self.logged_in = True
+        if self.ended_at is not None or self.list_only:
+            return  # --list: the listing after the login is printed (_listed)
+        for encoder_id in self.watch_ids:
+            client.watch(encoder_id)
+
+    def _listed(self, encoders: tuple[m.EncoderInfo, ...]) -> None:
+        """The home's listing, after each of its logins (the first, and after a failover)."""
         if self.ended_at is not None:
             return
         if self.list_only:
-            client.list_encoders().addCallbacks(self._print_list, self.fail)
-            return
-        for encoder_id in self.watch_ids:
-            client.watch(encoder_id).addErrback(self._watch_refused, encoder_id)
-
-    def _session(self) -> None:
-        """Each (re)established session: --watch-all lists again, which subscribes to updates."""
-        if self.watch_all and self.ended_at is None and self.client is not None:
-            self.client.list_encoders().addCallbacks(self._watch_listed, self._list_failed)
-
-    def _list_failed(self, failure: Failure) -> None:
-        error = failure.value
-        if isinstance(error, ClientError) and error.code is None:
-            return  # the connection was lost; the next session lists again
-        self.fail(failure)
+            self._print_list(encoders)
+        elif self.watch_all:
+            self._watch_listed(encoders)
 
     def _watch_listed(self, encoders: tuple[m.EncoderInfo, ...]) -> None:
         online = [e for e in encoders if e.state != m.EncoderState.OFFLINE]
@@ -333,21 +334,16 @@ class ViewerRun(ToolRun):
 
     def _watch_new(self, encoder_id: str) -> None:
         client = self.client
-        if client is None or self.ended_at is not None or encoder_id in client.watched:
+        if client is None or self.ended_at is not None or encoder_id in client.wanted:
             return
         if self.out_encoder is None:
             self.out_encoder = encoder_id
-        client.watch(encoder_id).addErrback(self._watch_refused, encoder_id)
+        client.watch(encoder_id)
 
-    def _watch_refused(self, failure: Failure, encoder_id: str) -> None:
-        error = failure.value
-        if isinstance(error, ClientError) and error.code is None:
-            return  # connection lost: the client watches again after reconnecting
-        if isinstance(error, ClientError):
-            message = describe_client_error(error, f"cannot watch {encoder_id!r}", self.tls)
-            self.fail(Failure(ToolError(message)))
-        else:
-            self.fail(failure)
+    def _watch_refused(self, encoder_id: str, error: ClientError) -> None:
+        """A watch refused for good (another domain's or a missing encoder, a limit)."""
+        message = describe_client_error(error, f"cannot watch {encoder_id!r}", self.tls)
+        self.fail(Failure(ToolError(message)))
 
     # -- receiving -----------------------------------------------------------
 
@@ -357,7 +353,8 @@ class ViewerRun(ToolRun):
         stream = self.streams.get(encoder_id)
         if stream is None:
             stream = self.streams[encoder_id] = StreamStats(encoder_id)
-        stream.add(media, int(self.wallclock() * 1e6), self.decode)
+        server = self.client.placed.get(encoder_id, "") if self.client is not None else ""
+        stream.add(media, int(self.wallclock() * 1e6), self.decode, server)
         if self.writer is not None and encoder_id == self.out_encoder:
             codec = Codec.H264 if media.codec == Codec.H264 else Codec.OPAQUE
             self.writer.write(Sample(media.timestamp_us, media.keyframe, codec, media.payload))
@@ -384,7 +381,7 @@ class ViewerRun(ToolRun):
                 errors = f", {s.checker.decode_errors if s.checker else 0} decode errors"
             parts.append(f"{encoder_id} {s.frames} frames ({fps:.1f} fps, {mbps:.2f} Mbit/s"
                          f"{errors})")
-        watching = len(self.client.watched) if self.client is not None else 0
+        watching = len(self.client.wanted) if self.client is not None else 0
         summary = "; ".join(parts) if parts else "no frames yet"
         self.say(f"{self.elapsed:.1f} s: watching {watching}: {summary}")
         self._stats_call = self.reactor.callLater(self.stats_interval, self._stats)
@@ -392,6 +389,8 @@ class ViewerRun(ToolRun):
     # -- ending --------------------------------------------------------------
 
     def _print_list(self, encoders: tuple[m.EncoderInfo, ...]) -> None:
+        if self.listed:
+            return
         rows = sorted(encoders, key=lambda e: natural_key(e.encoder_id))
         if self.json_output:
             listing = [{"id": e.encoder_id, "name": e.name,
@@ -470,7 +469,10 @@ class ViewerRun(ToolRun):
             "frames_target": self.frames_target,
             "completed": self.frames_target is None or self.total_frames >= self.frames_target,
             "interrupted": self.interrupted,
-            "reconnects": max(0, client.connects - 1) if client is not None else 0,
+            "reconnects": max(0, client.home.connects - 1) if client is not None else 0,
+            "servers_used": sorted((s for s, n in client.frames_by_server.items() if n),
+                                   key=natural_key) if client is not None else [],
+            "moves": client.moves if client is not None else 0,
             "encoders": per,
         }
         if self.decode:

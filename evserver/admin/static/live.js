@@ -1,7 +1,8 @@
 // evserver admin: refresh the live parts of a page from the JSON API every 3 s.
 // Containers name their source with data-live-src; inside them,
-// data-live-key (text), data-live-list (table rows) and data-live-items
-// (list items) are filled from that JSON.  Text only: never innerHTML.
+// data-live-key (text, or a cell of data-live-format), data-live-list (table
+// rows) and data-live-items (list items) are filled from that JSON.  Text
+// and cloned <template>s only: never innerHTML.
 "use strict";
 
 (function () {
@@ -25,7 +26,35 @@
     }
   }
 
+  function element(tag, className, text) {
+    var el = document.createElement(tag);
+    if (className) el.className = className;
+    if (text !== undefined) el.textContent = text;
+    return el;
+  }
+
   function cell(value, format) {
+    if (format === "ms") {
+      return document.createTextNode(
+        value === null || value === undefined ? "\u2014" : Number(value).toFixed(1) + " ms");
+    }
+    if (format === "url") {
+      if (typeof value !== "string" || value.indexOf("https://") !== 0) {
+        return document.createTextNode("\u2014");
+      }
+      var a = element("a", null, value);
+      a.href = value;
+      return a;
+    }
+    if (format === "warnings") {
+      if (!value || !value.length) return document.createTextNode("\u2014");
+      var ul = element("ul", "cell-warnings");
+      value.forEach(function (text) { ul.appendChild(element("li", null, String(text))); });
+      return ul;
+    }
+    if (format === "this") {
+      return value ? element("span", "badge this", "this server") : document.createTextNode("");
+    }
     if (format === "bytes") return document.createTextNode(humanBytes(value));
     if (format === "list") {
       return document.createTextNode(value && value.length ? value.join(", ") : "\u2014");
@@ -49,6 +78,25 @@
     });
   }
 
+  function fillText(template, row) {
+    return template.replace(/\{([a-z_]+)\}/g, function (_, key) { return String(row[key]); });
+  }
+
+  // An "action" cell: the <template> named by the column, its {key}
+  // placeholders (in form actions and confirmations) filled from the row.
+  function action(th, row) {
+    var template = document.getElementById(th.dataset.template);
+    if (!template || !get(row, th.dataset.key)) {
+      return element("span", "hint", th.dataset.otherwise || "");
+    }
+    var fragment = template.content.cloneNode(true);
+    fragment.querySelectorAll("form").forEach(function (form) {
+      form.setAttribute("action", fillLink(form.getAttribute("action"), row));
+      if (form.dataset.confirm) form.dataset.confirm = fillText(form.dataset.confirm, row);
+    });
+    return fragment;
+  }
+
   function updateTable(table, rows) {
     if (!Array.isArray(rows)) rows = rows ? [rows] : [];
     var heads = table.querySelectorAll("thead th");
@@ -59,7 +107,8 @@
       heads.forEach(function (th) {
         var td = document.createElement("td");
         if (th.classList.contains("num")) td.className = "num";
-        var content = cell(row[th.dataset.key], th.dataset.format);
+        var content = th.dataset.format === "action" ? action(th, row)
+          : cell(get(row, th.dataset.key), th.dataset.format);
         if (th.dataset.link) {
           var a = document.createElement("a");
           a.href = fillLink(th.dataset.link, row);
@@ -96,6 +145,11 @@
   function apply(container, data) {
     owned(container, "[data-live-key]").forEach(function (el) {
       var v = get(data, el.dataset.liveKey);
+      if (el.dataset.liveFormat) {
+        while (el.firstChild) el.removeChild(el.firstChild);
+        el.appendChild(cell(v === undefined ? null : v, el.dataset.liveFormat));
+        return;
+      }
       el.textContent = v === undefined || v === null ? "\u2014" : String(v);
     });
     owned(container, "table[data-live-list]").forEach(function (table) {
@@ -150,11 +204,13 @@
     });
   }
 
+  // Forms with data-confirm ask first (also those live tables add later).
   function confirmForms() {
-    document.querySelectorAll("form[data-confirm]").forEach(function (form) {
-      form.addEventListener("submit", function (event) {
-        if (!window.confirm(form.dataset.confirm)) event.preventDefault();
-      });
+    document.addEventListener("submit", function (event) {
+      var form = event.target;
+      if (form.dataset && form.dataset.confirm && !window.confirm(form.dataset.confirm)) {
+        event.preventDefault();
+      }
     });
   }
 
