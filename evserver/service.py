@@ -56,7 +56,6 @@ class ListenerService(Service):
         self._listen()
 
     def startService(self) -> None:
-        self.auth_pool.start()
         super().startService()
         self._listen()
 
@@ -148,6 +147,7 @@ class RelayServerService(MultiService):
         self._cluster_watch: LoopingCall | None = None
 
     def startService(self) -> None:
+        self.auth_pool.start()
         super().startService()
         # Multi-site resilience starts when the cluster identity appears
         # (``evserver-ctl msr enable``, the admin site, or a join), without a

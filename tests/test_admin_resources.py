@@ -673,6 +673,18 @@ def test_settings_page_lists_every_setting_and_says_standalone(world: World,
     assert "<button" not in section
 
 
+def test_settings_page_never_shows_the_join_token(tmp_path: Path) -> None:
+    w = build_world(tmp_path, join_token="evs1.the-secret-part", join_address="192.0.2.1:47100")
+    w.store.add_domain("ops")
+    w.store.add_account("ops", "root", ADMIN_PASSWORD, "admin")
+    page = w.logged_in().get("/settings").text
+    assert "<code>join_token</code>" in page and "given (not shown)" in page
+    assert "the-secret-part" not in page
+    assert "Peer connections (multi-site resilience): listening endpoint" in page
+    assert "192.0.2.1:47100" in page
+    w.store.close()
+
+
 def test_settings_page_shows_the_certificate(world: World, client: Client) -> None:
     _cert_path, _ = tls.ensure_server_certificate(world.tmp, ["localhost"])
     page = client.get("/settings").text
@@ -1418,7 +1430,8 @@ def three_servers(world: World, client: Client) -> FakeCluster:
     cluster.add("srv-3", PeerState.SUSPECT, "edge3.example", admin_port=9444, rtt=140.0,
                 offset=620.0, load=p.Load(1, 0, 0, 0),
                 warnings=("RTT 140 ms exceeds 100 ms", "clock offset 620 ms exceeds 500 ms"))
-    cluster.add("srv-4", PeerState.DEAD, "2001:db8::4", load=p.Load(5, 5, 5, 0))
+    cluster.add("srv-4", PeerState.DEAD, "2001:db8::4", rtt=2.0, offset=1.0,
+                load=p.Load(5, 5, 5, 0))
     return cluster
 
 
@@ -1442,23 +1455,30 @@ def test_the_servers_of_the_cluster_with_state_load_and_warnings(world: World,
                                          "Clock offset 620 ms exceeds 500 ms."]
     down = rows["srv-4"]
     assert down["state"] == "down" and not down["connected"]
-    assert down["load"] is None  # its last heartbeat is history
+    assert down["load"] is None and down["rtt_ms"] is None  # the link's figures are history
     assert down["admin_url"] == "https://[2001:db8::4]:9443/"
     assert down["peer_address"] == "[2001:db8::4]:47100"
     assert "Not reachable from this server" in down["warnings"][0]
     assert "[2001:db8::4]:47100" in down["warnings"][0]
+    assert data["warnings"] == [
+        "srv-3: RTT 140 ms exceeds 100 ms.", "srv-3: Clock offset 620 ms exceeds 500 ms.",
+        "srv-4: " + down["warnings"][0]]
     # The page shows the same, with a link to each server's own admin site
-    # and a Remove button (with a confirmation) for every other server.
+    # and a Remove button (with a confirmation) for every other server; the
+    # warnings above the table.
     page = client.get("/msr").text
     table = page.split('data-live-list="servers"')[1].split("</table>")[0]
     for sid in ("srv-1", "srv-2", "srv-3", "srv-4"):
         assert f'<a href="/servers/{sid}">{sid}</a>' in table
-    for url in ("https://192.0.2.20:9443/", "https://edge3.example:9444/",
-                "https://[2001:db8::4]:9443/"):
-        assert f'<a href="{url}">{url}</a>' in table
+    for url, shown in (("https://192.0.2.20:9443/", "192.0.2.20:9443"),
+                       ("https://edge3.example:9444/", "edge3.example:9444"),
+                       ("https://[2001:db8::4]:9443/", "[2001:db8::4]:9443")):
+        assert f'<a href="{url}">{shown}</a>' in table
     assert "12.3 ms" in table and "-3.2 ms" in table and "140.0 ms" in table
-    assert "RTT 140 ms exceeds 100 ms." in table and "Not reachable" in table
     assert 'badge state-down' in table and 'badge state-suspect' in table
+    warnings = page.split('data-live-items="warnings"')[1].split("</ul>")[0]
+    assert "srv-3: RTT 140 ms exceeds 100 ms." in warnings
+    assert "srv-4: Not reachable from this server" in warnings
     forms = re.findall(r'<form method="post" action="([^"]+)" class="inline" '
                        r'data-confirm="([^"]+)">', table)
     assert [a for a, _ in forms] == [f"/msr/servers/{s}/remove" for s in ("srv-2", "srv-3",
@@ -1606,6 +1626,7 @@ def test_openapi_schemas_name_the_fields_the_cluster_api_sends(world: World,
     world.core.remote_locations([Location("cam-2", "srv-2", Stamp(1, 0, "srv_2"), 0,
                                           EncoderState.ONLINE)])
     data = client.api("GET", "/api/servers").json()
+    assert set(data) == {"servers", "cluster", "warnings"}
     assert set(data["cluster"]) == keys("ClusterStatus")
     for row in data["servers"]:
         assert set(row) == keys("ServerSummary"), row["server_id"]

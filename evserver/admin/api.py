@@ -157,8 +157,9 @@ class Api:
     # -- the cluster ---------------------------------------------------------
 
     def servers(self, call: Call) -> Response:
-        return json_response({"servers": self.site.msr.servers(),
-                              "cluster": self.site.msr.status()})
+        rows = self.site.msr.servers()
+        return json_response({"servers": rows, "cluster": self.site.msr.status(),
+                              "warnings": self.site.msr.warnings(rows)})
 
     def cluster_server(self, call: Call) -> Response:
         server_id = call.args[0]

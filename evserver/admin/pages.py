@@ -60,8 +60,7 @@ class Column:
     """A column of a live table: JSON key, heading, format and optional link.
 
     ``fmt``: None (text), "bytes", "list" (comma separated), "state" (a badge),
-    "yesno", "ms" (milliseconds), "url" (an https link to itself),
-    "warnings" (a list of sentences), "this" (a "this server" mark) or
+    "yesno", "ms" (milliseconds), "url" (an https link, showing host:port) or
     "action" (when the value is true, the ``<template id=...>`` named by
     ``template``, its ``{key}`` placeholders filled from the row).
     ``link``: a path with ``{key}`` placeholders, each filled with that row
@@ -90,7 +89,7 @@ def timestamp(at: float) -> str:
 
 
 def layout(chrome: Chrome, title: str, active: str | None, *content: Any,
-           live_src: str | None = None) -> Tag:
+           live_src: str | None = None, wide: bool = False) -> Tag:
     nav_items = []
     for key, href, label in NAV:
         path = server_path(chrome.server_id) if href is None else href
@@ -125,6 +124,10 @@ def layout(chrome: Chrome, title: str, active: str | None, *content: Any,
     main = Tag("main")(tags.h1(title), *flashes, *content, id="main")  # not in tags
     if live_src is not None:
         main(**{"data-live-src": live_src})
+    footer_tag = tags.footer(*footer)
+    if wide:
+        main(class_="wide")
+        footer_tag(class_="wide")
     return tags.html(
         tags.head(
             tags.meta(charset="utf-8"),
@@ -136,7 +139,7 @@ def layout(chrome: Chrome, title: str, active: str | None, *content: Any,
         tags.body(
             tags.header(*header_children, class_="top"),
             main,
-            tags.footer(*footer),
+            footer_tag,
         ),
         lang="en",
     )
@@ -228,14 +231,8 @@ def format_cell(value: Any, fmt: str | None) -> Any:
         return "—" if value is None else f"{float(value):.1f} ms"
     if fmt == "url":
         if isinstance(value, str) and value.startswith("https://"):
-            return tags.a(value, href=value)
+            return tags.a(value[len("https://"):].rstrip("/"), href=value)
         return "—"
-    if fmt == "warnings":
-        if not value:
-            return "—"
-        return tags.ul(*[tags.li(str(w)) for w in value], class_="cell-warnings")
-    if fmt == "this":
-        return tags.span("this server", class_="badge this") if value else ""
     if fmt == "bytes":
         return human_bytes(int(value or 0))
     if fmt == "list":
@@ -251,7 +248,8 @@ def format_cell(value: Any, fmt: str | None) -> Any:
 
 def live_table(list_key: str, columns: Sequence[Column], rows: Sequence[dict[str, Any]],
                empty: str, caption: str | None = None,
-               actions: dict[str, Callable[[dict[str, Any]], Any]] | None = None) -> Tag:
+               actions: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
+               table_class: str | None = None) -> Tag:
     """A table whose rows live.js rebuilds; ``actions`` render the "action" columns'
     cells here (by template id), as live.js does from the templates."""
     head = []
@@ -291,6 +289,8 @@ def live_table(list_key: str, columns: Sequence[Column], rows: Sequence[dict[str
         tags.tbody(*body),
         **{"data-live-list": list_key, "data-empty": empty},
     )
+    if table_class:
+        table(class_=table_class)
     return tags.div(
         table,
         tags.p(empty, class_="empty", hidden="hidden") if rows else tags.p(empty, class_="empty"),
@@ -825,7 +825,6 @@ MSR_SERVER_COLUMNS = (
     Column("load.viewers", "Viewers", numeric=True),
     Column("rtt_ms", "RTT", fmt="ms", numeric=True),
     Column("offset_ms", "Clock offset", fmt="ms", numeric=True),
-    Column("warnings", "Warnings", fmt="warnings"),
     Column("admin_url", "Admin site", fmt="url"),
     Column("removable", "", fmt="action", template="remove-server", otherwise="this server"),
 )
@@ -855,7 +854,8 @@ def prerequisites_card(prerequisites: Sequence[str]) -> Tag:
 
 
 def msr_page(chrome: Chrome, status: dict[str, Any], rows: Sequence[dict[str, Any]],
-             prerequisites: Sequence[str], error: str | None = None) -> Tag:
+             warnings: Sequence[str], prerequisites: Sequence[str],
+             error: str | None = None) -> Tag:
     title = "Multi-site resilience"
     if not status["enabled"]:
         return layout(
@@ -919,7 +919,9 @@ def msr_page(chrome: Chrome, status: dict[str, Any], rows: Sequence[dict[str, An
         ),
         tags.section(
             tags.h2("Servers"),
-            live_table("servers", MSR_SERVER_COLUMNS, rows, "No servers.", actions=actions),
+            warnings_list(warnings),
+            live_table("servers", MSR_SERVER_COLUMNS, rows, "No servers.", actions=actions,
+                       table_class="servers"),
             Tag("template")(remove_server_form(chrome, "/msr/servers/{server_id}/remove",
                                                "{server_id}"),
                             id="remove-server"),
@@ -929,6 +931,7 @@ def msr_page(chrome: Chrome, status: dict[str, Any], rows: Sequence[dict[str, An
         ),
         prerequisites_card(prerequisites),
         live_src="/api/servers",
+        wide=True,
     )
 
 

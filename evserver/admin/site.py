@@ -498,8 +498,9 @@ class AdminSite:
                 "cluster_id": status["cluster_id"]}
 
     def _msr_page(self, call: Call, status: int = 200, error: str | None = None) -> Response:
-        return html(pages.msr_page(self.chrome(call.session), self.msr.status(),
-                                   self.msr.servers(), PREREQUISITES, error), status)
+        rows = self.msr.servers()
+        return html(pages.msr_page(self.chrome(call.session), self.msr.status(), rows,
+                                   self.msr.warnings(rows), PREREQUISITES, error), status)
 
     def msr_page(self, call: Call) -> Response:
         return self._msr_page(call)

@@ -36,12 +36,17 @@ SETTING_DESCRIPTIONS: dict[str, str] = {
     "viewer_endpoint": "Viewer control: listening endpoint",
     "relay_endpoint": "Video relay: listening endpoint",
     "admin_endpoint": "Admin web site: listening endpoint",
+    "peer_endpoint": "Peer connections (multi-site resilience): listening endpoint",
     "external_host": "External address given to encoders and viewers",
     "external_encoder_port": "Encoder control: external port",
     "external_viewer_port": "Viewer control: external port",
     "external_relay_port": "Video relay: external port",
     "external_admin_port": "Admin web site: external port",
+    "external_peer_port": "Peer connections: external port",
     "tls": "TLS on the encoder, viewer and relay ports",
+    "join_address": "Cluster member joined through at first start",
+    "join_token": "Join token given at first start",
+    "max_servers": "Most servers a cluster may have",
     "keepalive_interval": "Keepalive interval (seconds)",
     "keepalive_timeout": "Keepalive timeout (seconds)",
     "max_control_frame": "Largest control frame",
@@ -82,7 +87,15 @@ def human_duration(seconds: float) -> str:
     return " ".join(parts)
 
 
+#: Settings whose values are secrets: the pages say only whether they are set.
+SECRET_SETTINGS = frozenset({"join_token"})
+
+
 def _format_setting(name: str, value: Any) -> str:
+    if value is None:
+        return "—"
+    if name in SECRET_SETTINGS:
+        return "given (not shown)"
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, int) and (name.endswith("_bytes") or name.endswith("_frame")):
@@ -172,6 +185,9 @@ class ServerView:
              "external_port": c.external_relay_port, "tls": c.tls},
             {"name": "admin", "carries": "admin web site (HTTPS)",
              "endpoint": c.admin_endpoint, "external_port": c.external_admin_port,
+             "tls": True},
+            {"name": "peer", "carries": "peer connections (multi-site resilience)",
+             "endpoint": c.peer_endpoint, "external_port": c.external_peer_port,
              "tls": True},
         ]
 
@@ -334,7 +350,7 @@ class ServerView:
             out.append(Setting(
                 name=field.name,
                 description=SETTING_DESCRIPTIONS.get(field.name, field.name),
-                value=_jsonable(value),
+                value=None if field.name in SECRET_SETTINGS else _jsonable(value),
                 text=_format_setting(field.name, value),
             ))
         return out

@@ -42,18 +42,9 @@
       if (typeof value !== "string" || value.indexOf("https://") !== 0) {
         return document.createTextNode("\u2014");
       }
-      var a = element("a", null, value);
+      var a = element("a", null, value.slice("https://".length).replace(/\/$/, ""));
       a.href = value;
       return a;
-    }
-    if (format === "warnings") {
-      if (!value || !value.length) return document.createTextNode("\u2014");
-      var ul = element("ul", "cell-warnings");
-      value.forEach(function (text) { ul.appendChild(element("li", null, String(text))); });
-      return ul;
-    }
-    if (format === "this") {
-      return value ? element("span", "badge this", "this server") : document.createTextNode("");
     }
     if (format === "bytes") return document.createTextNode(humanBytes(value));
     if (format === "list") {
