@@ -9,7 +9,6 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,7 +40,7 @@ CLUSTER_CHECK_INTERVAL = 2.0
 class ListenerService(Service):
     """Listens on one endpoint; a failure to listen is a fatal startup error."""
 
-    def __init__(self, description: str, endpoint: str, factory: Factory,
+    def __init__(self, description: str, endpoint: str, factory: Any,
                  reactor: Any, on_error: Any = fatal_startup_error) -> None:
         self.description = description
         self.endpoint = endpoint

@@ -201,7 +201,8 @@ class _Factory(Factory):
         self.build = build
 
     def buildProtocol(self, addr: Any) -> WireConnection:
-        return self.build()  # type: ignore[no-any-return]
+        connection: WireConnection = self.build()
+        return connection
 
 
 def join(reactor: Any, data_dir: Path, server_id: str, token_text: str,
@@ -217,9 +218,12 @@ def join(reactor: Any, data_dir: Path, server_id: str, token_text: str,
     endpoint = endpoints.wrapClientTLS(
         pinned_client_tls_options(token.ca_fingerprint),
         endpoints.HostnameEndpoint(reactor, host, port, timeout=5))
+    def unreachable(failure: Failure) -> None:
+        if not done.called:
+            done.errback(JoinFailed(f"cannot reach {host}:{port}: {failure.getErrorMessage()}"))
+
     endpoint.connect(_Factory(lambda: _JoinConnection(reactor, request, done))).addErrback(
-        lambda f: done.called or done.errback(
-            JoinFailed(f"cannot reach {host}:{port}: {f.getErrorMessage()}")))
+        unreachable)
 
     def accepted(accept: p.JoinAccept) -> ClusterIdentity:
         if accept.cluster_id != token.cluster_id:

@@ -152,7 +152,8 @@ class ClusterService(Service):
             conn.close()
         if self._port is not None:
             port, self._port = self._port, None
-            return port.stopListening()  # type: ignore[no-any-return]
+            stopped: Deferred[None] | None = port.stopListening()
+            return stopped
         return None
 
     # -- members ---------------------------------------------------------
