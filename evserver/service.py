@@ -27,7 +27,7 @@ from evserver.net.server import (
 )
 from evserver.startup import fatal_startup_error
 from evserver.state.relay import Limits, RelayCore
-from evserver.store import Store
+from evserver.store import Store, server_clock
 from evserver.tls import ensure_server_certificate, wrap_server_factory
 from evserver.wire import messages as m
 
@@ -91,7 +91,9 @@ class RelayServerService(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.store = Store(config.data_dir / "evserver.sqlite3")
+        # One clock stamps the replicated records and the directory's epochs.
+        self.hlc = server_clock(config.server_id, reactor.seconds)
+        self.store = Store(config.data_dir / "evserver.sqlite3", hlc=self.hlc)
         self.settings = ServerSettings(
             max_control_frame=config.max_control_frame,
             max_media_frame=config.max_media_frame,
@@ -109,6 +111,7 @@ class RelayServerService(MultiService):
                 gop_cache_bytes=config.gop_cache_bytes,
                 stop_linger=config.stop_linger,
             ),
+            hlc=self.hlc,
         )
         # Password checks (scrypt: ~0.1 s of CPU, 16 MiB each) get a pool of
         # their own, at most one thread per spare core, so a burst of logins

@@ -28,8 +28,9 @@ keeps per field the value with the larger stamp.  The design:
   replicated field: a fresh random id given whenever the record is (re)created
   (concurrent creations converge on the later one's); nothing refers to it.
 * **Columns.**  Every row has ``stamps`` (JSON: field name -> ``Stamp.encode()``
-  text, whose string order is the stamp order), ``deleted`` (the tombstone's
-  stamp text or NULL) and ``live``, derived from those two: 1 when *every*
+  text, whose string order is the stamp order) and ``deleted`` (the
+  tombstone's stamp text or NULL), and two columns derived from them: ``fp``,
+  the record's anti-entropy fingerprint, and ``live``, 1 when *every*
   field was written after the tombstone, that is when the record was
   (re)created after its last deletion.  This is stricter than
   ``Record.live`` on purpose: a lone field update that races a delete (a
@@ -144,7 +145,8 @@ class BadUpdate(Invalid):
 _REPLICATION_COLUMNS = """
             stamps  TEXT NOT NULL DEFAULT '{}',
             deleted TEXT,
-            live    INTEGER NOT NULL DEFAULT 0"""
+            live    INTEGER NOT NULL DEFAULT 0,
+            fp      BLOB"""
 
 
 # The ordered migrations.  Migration i (0-based) takes the schema from
@@ -199,10 +201,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX audit_log_at ON audit_log (at)",
     ),
-    # 2 -> 3: replication.  Every table gains ``stamps``, ``deleted`` and
-    # ``live`` (see the module docstring); every existing row is stamped,
+    # 2 -> 3: replication.  Every table gains ``stamps``, ``deleted``, ``live``
+    # and ``fp`` (see the module docstring); every existing row is stamped,
     # all fields, with one stamp from the store's clock
-    # (``evs_migration_stamps(field, ...)`` is registered by Store).
+    # (``evs_migration_stamps(field, ...)`` and ``evs_fingerprint(stamps,
+    # deleted)`` are registered by Store).
     # Accounts and encoders are rebuilt to name their domain instead of
     # pointing at its uid (a replicated reference must mean the same on
     # every server); ``domain`` may be NULL only in a row that is not live
@@ -212,6 +215,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE domains ADD COLUMN stamps TEXT NOT NULL DEFAULT '{}'",
         "ALTER TABLE domains ADD COLUMN deleted TEXT",
         "ALTER TABLE domains ADD COLUMN live INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE domains ADD COLUMN fp BLOB",
         "UPDATE domains SET stamps = evs_migration_stamps('uid', 'created', 'updated'), live = 1",
         f"""
         CREATE TABLE accounts_v3 (
@@ -262,6 +266,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE audit_log ADD COLUMN stamps TEXT NOT NULL DEFAULT '{}'",
         "ALTER TABLE audit_log ADD COLUMN deleted TEXT",
         "ALTER TABLE audit_log ADD COLUMN live INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE audit_log ADD COLUMN fp BLOB",
         """
         UPDATE audit_log SET live = 1, stamps = evs_migration_stamps(
             'at', 'actor', 'server_id', 'action', 'target', 'detail')
@@ -280,6 +285,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             used        INTEGER NOT NULL DEFAULT 0 CHECK (used IN (0, 1)),{_REPLICATION_COLUMNS}
         )
         """,
+        *(f"UPDATE {table} SET fp = evs_fingerprint(stamps, deleted)"
+          for table in ("domains", "accounts", "encoders", "audit_log")),
     ),
 )
 
@@ -630,6 +637,10 @@ def fingerprint(stamps: Mapping[str, str], deleted: str | None) -> bytes:
     return h.digest()
 
 
+def _sql_fingerprint(stamps: str, deleted: str | None) -> bytes:
+    return fingerprint(json.loads(stamps), deleted)
+
+
 @attrs.define
 class _Row:
     """A record being read or merged: column values of the fields it has, stamp texts."""
@@ -705,6 +716,7 @@ class Store:
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA foreign_keys = ON")
             self._db.create_function("evs_migration_stamps", -1, self._migration_stamps)
+            self._db.create_function("evs_fingerprint", 2, _sql_fingerprint, deterministic=True)
             try:
                 self._db.execute("PRAGMA journal_mode = WAL")
             except sqlite3.DatabaseError as e:
@@ -720,8 +732,16 @@ class Store:
 
     @classmethod
     def in_data_dir(cls, data_dir: str | os.PathLike[str]) -> Store:
-        """Open the store of a server data directory."""
-        return cls(Path(data_dir) / DB_FILENAME)
+        """Open the store of a server data directory, stamping as that server.
+
+        Writes are stamped with a hybrid logical clock named after the
+        server's id (``DATA/server-id``), so that two servers' writes in the
+        same millisecond are still ordered the same way everywhere.
+        """
+        from evserver.config import load_or_create_server_id
+
+        server_id = load_or_create_server_id(data_dir)
+        return cls(Path(data_dir) / DB_FILENAME, hlc=server_clock(server_id))
 
     # -- plumbing ---------------------------------------------------------
 
@@ -844,7 +864,12 @@ class Store:
                 row.values[name] if name in row.values else spec.placeholder(row.key)
                 for name, spec in table.fields.items()
             ]
-            params += [_dumps_stamps(row.stamps), row.deleted, int(row.live(table))]
+            params += [
+                _dumps_stamps(row.stamps),
+                row.deleted,
+                int(row.live(table)),
+                fingerprint(row.stamps, row.deleted) if row.replicated() else None,
+            ]
             if row.stored:
                 updates.append([*params, row.key])
             else:
@@ -856,10 +881,10 @@ class Store:
             uid = DOMAINS.fields["uid"].placeholder
             conn.executemany(
                 "INSERT OR IGNORE INTO domains (uid, name, created, updated, stamps, deleted, "
-                "live) VALUES (?, ?, 0, 0, '{}', NULL, 0)",
+                "live, fp) VALUES (?, ?, 0, 0, '{}', NULL, 0, NULL)",
                 [(uid(name), name) for name in sorted(domains)],
             )
-        columns = [*table.fields, "stamps", "deleted", "live"]
+        columns = [*table.fields, "stamps", "deleted", "live", "fp"]
         if updates:
             assignments = ", ".join(f"{c} = ?" for c in columns)
             conn.executemany(
@@ -937,7 +962,16 @@ class Store:
         return unsubscribe
 
     @staticmethod
-    def _check_update(update: object) -> _Checked:
+    def _check_update(update: object, texts: dict[int, str]) -> _Checked:
+        """Validate one update; ``texts`` caches stamp texts by stamp identity
+        (the stamps stay referenced by the result, so ids are not reused)."""
+
+        def text_of(stamp: object) -> str:
+            text = texts.get(id(stamp))
+            if text is None:
+                text = texts[id(stamp)] = _stamp_text(stamp)
+            return text
+
         if not isinstance(update, Update):
             raise BadUpdate(f"not an Update: {type(update).__name__}")
         table = TABLES.get(update.table) if isinstance(update.table, str) else None
@@ -960,8 +994,8 @@ class Store:
                 value = spec.check(pair[0])
             except Invalid as e:
                 raise BadUpdate(f"{table.name} {key!r}: field {name}: {e}") from None
-            fields[name] = (value, _stamp_text(pair[1]), pair[1])
-        deleted = None if update.deleted is None else (_stamp_text(update.deleted), update.deleted)
+            fields[name] = (value, text_of(pair[1]), pair[1])
+        deleted = None if update.deleted is None else (text_of(update.deleted), update.deleted)
         return _Checked(table, key, fields, deleted)
 
     def apply_updates(self, updates: Iterable[Update]) -> int:
@@ -974,9 +1008,10 @@ class Store:
         of the batch is written.
         """
         by_table: dict[str, list[_Checked]] = {}
+        texts: dict[int, str] = {}
         newest: tuple[str, Stamp | None] = (self.hlc.last.encode(), None)
         for update in updates:
-            checked = self._check_update(update)
+            checked = self._check_update(update, texts)
             for _, text, stamp in checked.fields.values():
                 if text > newest[0]:
                     newest = (text, stamp)
@@ -986,6 +1021,8 @@ class Store:
                 by_table.setdefault(checked.table.name, []).append(checked)
         if newest[1] is not None:
             self.hlc.observe(newest[1])
+        if not by_table:
+            return 0
         notify = any(remote for _, remote in self._subscribers)
         merged: list[Update] = []
         count = 0
@@ -1026,7 +1063,7 @@ class Store:
                     row.values[name] = value
                     row.stamps[name] = text
                     fields[name] = (table.fields[name].to_json(value), stamp)
-            if item.deleted is not None:
+            if item.deleted is not None and (row.deleted is None or item.deleted[0] > row.deleted):
                 row.deleted = item.deleted[0]
                 tombstones[item.key] = item.deleted[1]
         changed = [key for key, fields in won.items() if fields or key in tombstones]
@@ -1040,16 +1077,16 @@ class Store:
         """``{(table, key): fingerprint}`` of every record (tombstones included).
 
         The fingerprint is ``replica.Record.fingerprint``: the stamps of every
-        field and the tombstone.  Placeholder rows are no records and are left out.
+        field and the tombstone (kept in column ``fp``, so this is one
+        query per table).  Placeholder rows are no records and are left out.
         """
         out: dict[tuple[str, str], bytes] = {}
         conn = self._conn
         for name, table in TABLES.items():
-            for key, stamps, deleted in conn.execute(
-                f"SELECT {table.key}, stamps, deleted FROM {name} "
-                "WHERE stamps != '{}' OR deleted IS NOT NULL"
+            for key, fp in conn.execute(
+                f"SELECT {table.key}, fp FROM {name} WHERE fp IS NOT NULL"
             ):
-                out[(name, key)] = fingerprint(json.loads(stamps), deleted)
+                out[(name, key)] = fp
         return out
 
     def updates_for(
@@ -1060,29 +1097,28 @@ class Store:
         Given the peer's digest (a mapping), every record of ours whose
         fingerprint differs from the peer's or that the peer lacks; given
         keys ``(table, key)``, those records (unknown keys are skipped).
-        One query per table either way.
+        A query or two per table either way.
         """
+        keys: dict[str, set[str]] = {}
+        if isinstance(wanted, Mapping):
+            for (name, key), fp in self.digest().items():
+                if wanted.get((name, key)) != fp:
+                    keys.setdefault(name, set()).add(key)
+        else:
+            for item in wanted:
+                if (not isinstance(item, tuple) or len(item) != 2
+                        or not all(isinstance(part, str) for part in item)):
+                    raise StoreError(f"not a (table, key) pair: {item!r}")
+                if item[0] in TABLES:
+                    keys.setdefault(item[0], set()).add(item[1])
         conn = self._conn
         decoded: dict[str, Stamp] = {}
         out: list[Update] = []
-        if isinstance(wanted, Mapping):
-            for name, table in TABLES.items():
-                for row in self._rows(conn, table, "WHERE stamps != '{}' OR deleted IS NOT NULL"):
-                    if wanted.get((name, row.key)) != fingerprint(row.stamps, row.deleted):
-                        out.append(self._full_update(table, row, decoded))
-            return out
-        keys: dict[str, set[str]] = {}
-        for item in wanted:
-            if (not isinstance(item, tuple) or len(item) != 2
-                    or not all(isinstance(part, str) for part in item)):
-                raise StoreError(f"not a (table, key) pair: {item!r}")
-            if item[0] in TABLES:
-                keys.setdefault(item[0], set()).add(item[1])
         for name, table in TABLES.items():
             if keys.get(name):
-                for row in self._load(conn, table, keys[name]).values():
-                    if row.replicated():
-                        out.append(self._full_update(table, row, decoded))
+                rows = self._load(conn, table, keys[name])
+                out += [self._full_update(table, rows[key], decoded)
+                        for key in sorted(rows) if rows[key].replicated()]
         return out
 
     @staticmethod
@@ -1455,3 +1491,8 @@ class Store:
             if not self._is_live(conn, JOIN_TOKENS, token_id):
                 raise NotFound(f"no join token {token_id!r}")
             self._put(conn, JOIN_TOKENS, token_id, None)
+
+
+def server_clock(server_id: str, wall: Callable[[], float] = time.time) -> HybridClock:
+    """The hybrid logical clock of a server: its id names the stamps."""
+    return HybridClock(server_id.replace(".", "_"), lambda: int(wall() * 1000))

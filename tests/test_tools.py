@@ -403,6 +403,7 @@ def test_interrupted_viewer_still_reports(world: World) -> None:
     frames = int(summary[0].split(" frames, ")[0])
     assert 45 <= frames <= 52  # 2 s at 25 fps
     assert any(line.startswith("  cam1: ") for line in summary)
+    assert "video from s1; 0 move(s) to another server" in summary
     assert err.getvalue() == ""
 
 

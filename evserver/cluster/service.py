@@ -412,8 +412,13 @@ class ClusterService(Service):
     def _apply_updates(self, msg: p.Updates) -> None:
         if not hasattr(self.store, "apply_updates"):
             return
-        updates = [_record_from_wire(r) for r in msg.records]
-        self.store.apply_updates(updates)
+        from evserver.store import StoreError
+
+        try:
+            updates = [_record_from_wire(r) for r in msg.records]
+            self.store.apply_updates(updates)
+        except (StoreError, ValueError) as e:
+            log.warn("refused a replication batch from a peer: {error}", error=str(e))
 
     def _request_digest(self, sid: str) -> None:
         if not hasattr(self.store, "digest"):

@@ -336,7 +336,7 @@ class _ReconnectingClient:
             if self.control is not None and self.control.connected:
                 self.control.close()
             return
-        if conn is self.control or self.control is None:
+        if conn is self.control:
             self._lost(error)
 
     def first_ready(self, value: Any) -> None:
@@ -751,8 +751,8 @@ class ClusterViewer:
         self.frames_by_server: dict[str, int] = {}
         self.stopped = False
         self._home_sid = ""
-        #: encoder id -> the server a Watch is under way to
-        self._placing: dict[str, str] = {}
+        #: encoder id -> the session a Watch of it is under way on
+        self._placing: dict[str, _ClusterSession] = {}
         #: encoder id -> the server its last frame came from
         self._video_from: dict[str, str] = {}
         #: encoder id -> where a Redirect said it is (newer than the home's word)
@@ -861,7 +861,7 @@ class ClusterViewer:
             session = self._session_for(server_id) if server_id else None
             if session is None:
                 return
-        if self._placing.get(encoder_id) == server_id:
+        if self._placing.get(encoder_id) is session:
             return  # the answer is under way
         old = self.placed.get(encoder_id)
         if old == server_id:
@@ -875,7 +875,7 @@ class ClusterViewer:
         self.placed[encoder_id] = server_id
         if not session.up:
             return  # placed when the session is ready
-        self._placing[encoder_id] = server_id
+        self._placing[encoder_id] = session
         d = session.watch(encoder_id)
         d.addCallbacks(self._watch_ok, self._watch_failed,
                        callbackArgs=(server_id, session),
@@ -883,7 +883,7 @@ class ClusterViewer:
 
     def _watch_ok(self, watched: Watched, server_id: str, session: _ClusterSession) -> None:
         encoder_id = watched.encoder_id
-        if self._placing.get(encoder_id) == server_id:
+        if self._placing.get(encoder_id) is session:
             del self._placing[encoder_id]
         if (encoder_id not in self.wanted or self.placed.get(encoder_id) != server_id
                 or self.sessions.get(server_id) is not session):
@@ -893,7 +893,7 @@ class ClusterViewer:
 
     def _watch_failed(self, failure: Failure, encoder_id: str, server_id: str,
                       session: _ClusterSession, redirects: int) -> None:
-        if self._placing.get(encoder_id) == server_id:
+        if self._placing.get(encoder_id) is session:
             del self._placing[encoder_id]
         if (encoder_id not in self.wanted or self.placed.get(encoder_id) != server_id
                 or self.sessions.get(server_id) is not session):

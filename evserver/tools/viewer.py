@@ -11,9 +11,10 @@ Examples::
 Every run that watches is bounded by ``--frames`` (frames received, all
 encoders together) and/or ``--duration``.  At the end ``--json`` prints one
 object: frames, bytes, keyframes, gaps, latency p50/p99, decoded frames and
-decode errors, the servers the video came from (``servers_used``) and how
-many times a watch moved to another server (``moves``), with a per-encoder
-breakdown.
+decode errors, the servers the video came from (``servers_used``), how many
+times an encoder's video moved to another server (``moves``) and how many
+times the home session logged in again (``reconnects``), with a per-encoder
+breakdown (``servers``: where its frames came from, in order).
 
 The viewer follows the cluster (``ClusterViewer``): it logs in to the first
 reachable ``--server`` (then to any server of the cluster's list), watches
@@ -497,6 +498,9 @@ class ViewerRun(ToolRun):
         for encoder_id, p in report["encoders"].items():
             lines.append(f"  {encoder_id}: {p['frames']} frames, {p['keyframes']} keyframes, "
                          f"{p['gaps']} gaps, p50 {ms(p['latency_p50_ms'])}")
+        if report["servers_used"]:
+            lines.append(f"video from {', '.join(report['servers_used'])}; "
+                         f"{report['moves']} move(s) to another server")
         if "out" in report:
             lines.append(f"wrote {report['out']['frames']} frames of "
                          f"{report['out']['encoder']} to {report['out']['path']}")
