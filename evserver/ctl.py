@@ -251,7 +251,16 @@ class _Ctl:
             status = {"enabled": True, "cluster_id": identity.cluster_id,
                       "server_id": identity.server_id,
                       "ca_fingerprint": identity.fingerprint(),
-                      "members": [m.get("server_id") for m in _read_members(Path(self.args.data))]}
+                      "members": [m.get("server_id") for m in _read_members(Path(self.args.data))
+                                  if not m.get("removed")]}
+            try:
+                live = json.loads((Path(self.args.data) / "cluster" / "status.json")
+                                  .read_text("utf-8"))
+                status["member_states"] = {sid: v.get("state")
+                                           for sid, v in live.get("members", {}).items()}
+                status["states_at"] = _iso(float(live.get("at", 0)))
+            except (OSError, ValueError, AttributeError):
+                pass
         if self.args.json:
             self.print(json.dumps(status, indent=1))
         elif not status["enabled"]:

@@ -125,7 +125,8 @@ class RelayServerService(MultiService):
         self.started_at = reactor.seconds()
         # The certificate is made even with --plain: the admin site is HTTPS
         # only.  It is re-read, for every port, when its files change.
-        cert, key = ensure_server_certificate(config.data_dir, _hostnames(config.external_host))
+        cert, key = ensure_server_certificate(config.data_dir, _hostnames(config.external_host),
+                                              unique=config.server_id)
         self.tls_options = ReloadingTLSOptions(cert, key, reactor)
         tls = self.tls_options if config.tls else None
         self.factories: dict[str, ServerFactory] = {}

@@ -1073,6 +1073,10 @@ class Store:
                           for key in changed)
         return len(changed)
 
+    def data_version(self) -> int:
+        """A number that changes when another process (evserver-ctl) commits to the database."""
+        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
     def digest(self) -> dict[tuple[str, str], bytes]:
         """``{(table, key): fingerprint}`` of every record (tombstones included).
 

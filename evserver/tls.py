@@ -54,18 +54,26 @@ def _general_name(hostname: str) -> x509.GeneralName:
 
 
 def make_self_signed_certificate(
-    hostnames: Sequence[str], now: datetime.datetime | None = None
+    hostnames: Sequence[str], now: datetime.datetime | None = None,
+    unique: str | None = None,
 ) -> tuple[bytes, bytes]:
     """A new EC P-256 key and a self-signed certificate for ``hostnames``, as PEM.
 
     The subject CN is the first name; every name is in subjectAltName (IP
     addresses as IP entries).  Valid for ten years.  Returns (cert, key).
+    ``unique`` (a server id) goes into the subject's serialNumber, so that
+    servers sharing a host name (behind one NAT) have distinct subjects:
+    OpenSSL finds trust anchors by subject, and a client trusting several
+    servers' certificates would otherwise verify only one of them.
     """
     names = list(dict.fromkeys(hostnames))  # drop duplicates, keep order
     if not names:
         raise ValueError("a certificate needs at least one host name")
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])])
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])]
+    if unique:
+        attributes.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, unique[:64]))
+    subject = x509.Name(attributes)
     start = (now or datetime.datetime.now(datetime.UTC)) - BACKDATE
     cert = (
         x509.CertificateBuilder()
@@ -121,7 +129,7 @@ def _write_atomically(path: Path, data: bytes, mode: int) -> None:
 
 
 def ensure_server_certificate(
-    data_dir: str | os.PathLike[str], hostnames: Sequence[str]
+    data_dir: str | os.PathLike[str], hostnames: Sequence[str], unique: str | None = None
 ) -> tuple[Path, Path]:
     """Return ``(cert_path, key_path)`` of the server's certificate, making it if missing.
 
@@ -136,7 +144,7 @@ def ensure_server_certificate(
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
     tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    cert_pem, key_pem = make_self_signed_certificate(hostnames)
+    cert_pem, key_pem = make_self_signed_certificate(hostnames, unique=unique)
     # Key first: a crash between the two leaves no certificate without its key.
     _write_atomically(key_path, key_pem, 0o600)
     _write_atomically(cert_path, cert_pem, 0o644)

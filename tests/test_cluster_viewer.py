@@ -215,14 +215,17 @@ def test_home_server_lost_rehomes_and_replaces(world: World, fault: str) -> None
     world.advance(3.0)
     # One failover each: what closes late towards s1 does not touch the new sessions.
     assert encoders[0].connects == 2 and viewer.home.connects == 2
-    # The home moved to the next server of its list; cam0 followed its encoder to s2.
-    assert viewer.home.server_id == "s2" and viewer.home.up
-    assert viewer.placed == {"cam0": "s2", "cam1": "s2", "cam2": "s3"}
+    # The home moved to another server (chosen at random, so that a lost
+    # server's clients spread); cam0 followed its encoder wherever it went.
+    assert viewer.home.server_id in {"s2", "s3"} and viewer.home.up
+    new_host = encoders[0].server_id
+    assert new_host in {"s2", "s3"}
+    assert viewer.placed == {"cam0": new_host, "cam1": "s2", "cam2": "s3"}
     assert viewer.moves == 1
     for i in range(3):
         assert world.clock.seconds() - world.last(f"cam{i}").at < 0.1
     after = world.since(t_fault + 0.05, "cam0")
-    assert after[0].keyframe and {f.server for f in after} == {"s2"}
+    assert after[0].keyframe and {f.server for f in after} == {new_host}
     # cam2 never stopped: its session to s3 had nothing to do with the home.
     cam2 = [f.at for f in world.frames if f.encoder_id == "cam2" and f.at > t_fault - 0.1]
     assert max(b - a for a, b in itertools.pairwise(cam2)) < 0.1

@@ -46,7 +46,9 @@ log = Logger()
 
 MEMBERS_FILE = "members.json"
 SELF_FILE = "self.json"
+STATUS_FILE = "status.json"
 ANTI_ENTROPY_INTERVAL = 10.0
+STORE_CHECK_INTERVAL = 0.5
 
 
 @attrs.define
@@ -95,6 +97,7 @@ class ClusterService(Service):
         self._connecting: set[str] = set()
         self._digests: dict[str, dict[tuple[str, str], bytes]] = {}
         self._next_request = 1
+        self._pushed_servers: tuple[m.ServerInfo, ...] = ()
         self._heartbeat_seq = 0
         self._port: IListeningPort | None = None
         self._anti_entropy: Any = None
@@ -131,6 +134,22 @@ class ClusterService(Service):
         self._anti_entropy = LoopingCall(self._anti_entropy_round)
         self._anti_entropy.clock = self.reactor
         self._anti_entropy.start(ANTI_ENTROPY_INTERVAL, now=False)
+        # Writes by another process (evserver-ctl) do not pass through our
+        # change feed: notice them and compare digests with every peer.
+        self._data_version = self._store_version()
+        self._store_watch = LoopingCall(self._check_store)
+        self._store_watch.clock = self.reactor
+        self._store_watch.start(STORE_CHECK_INTERVAL, now=False)
+
+    def _store_version(self) -> int | None:
+        version = getattr(self.store, "data_version", None)
+        return version() if version is not None else None
+
+    def _check_store(self) -> None:
+        version = self._store_version()
+        if version is not None and version != self._data_version:
+            self._data_version = version
+            self._anti_entropy_round()
 
     def _listening(self, port: IListeningPort) -> None:
         self._port = port
@@ -145,8 +164,9 @@ class ClusterService(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        if self._anti_entropy is not None and self._anti_entropy.running:
-            self._anti_entropy.stop()
+        for loop in (self._anti_entropy, getattr(self, "_store_watch", None)):
+            if loop is not None and loop.running:
+                loop.stop()
         self.membership.stop()
         for conn in list(self.connections.values()):
             conn.close()
@@ -250,9 +270,30 @@ class ClusterService(Service):
         return tuple(out)
 
     def _push_server_list(self) -> None:
+        """Tell the clients, when the list they should use has changed."""
+        servers = self.servers()
+        if servers == self._pushed_servers:
+            return
+        self._pushed_servers = servers
         push = getattr(self.core, "push_server_list", None)
         if push is not None:
             push()
+        self._save_status()
+
+    def _save_status(self) -> None:
+        """Every member's state, for ``evserver-ctl msr status``."""
+        view = self.membership.view()
+        status = {sid: {"state": getattr(v.state, "value", str(v.state)),
+                        "rtt_ms": v.rtt_ms, "offset_ms": v.offset_ms}
+                  for sid, v in view.items()}
+        path = cluster_dir(self.data_dir) / STATUS_FILE
+        tmp = path.with_name(f".{STATUS_FILE}.{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps({"at": time.time(), "members": status}, indent=1),
+                           encoding="utf-8")
+            tmp.replace(path)
+        except OSError as e:
+            log.warn("cannot write {path}: {error}", path=str(path), error=str(e))
 
     def hello(self, cls: type) -> Any:
         return cls(self.cluster_id, self.server_id, self.incarnation, f"evserver/{__version__}",
@@ -307,6 +348,8 @@ class ClusterService(Service):
         log.info("member {server_id}: {old} -> {new}", server_id=server_id,
                  old=getattr(old_state, "value", old_state),
                  new=getattr(new_state, "value", new_state))
+        if new_state in (PeerState.DEAD, PeerState.ALIVE):
+            self._save_status()
         if new_state == PeerState.DEAD:
             self.core.server_lost(server_id)
             self._push_server_list()

@@ -101,7 +101,26 @@ class _ClientConnection(WireConnection):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        # A frozen server accepts the TCP connection (the kernel does) but
+        # never says a word: give up on it if its preamble does not come.
+        self._deadline: IDelayedCall | None = self.clock.callLater(
+            getattr(self.owner, "connect_timeout", 2.0), self._no_answer)
         self.owner.connected(self)
+
+    def preamble_received(self) -> None:
+        self._cancel_deadline()
+
+    def _cancel_deadline(self) -> None:
+        deadline = getattr(self, "_deadline", None)
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+        self._deadline = None
+
+    def _no_answer(self) -> None:
+        self._deadline = None
+        self.fail(ErrorCode.KEEPALIVE_TIMEOUT, "the server does not answer")
+        if self.connected:
+            self.transport.abortConnection()  # type: ignore[union-attr]
 
     def message_received(self, msg: Any) -> None:
         if isinstance(msg, m.Error):
@@ -124,6 +143,7 @@ class _ClientConnection(WireConnection):
         super().fail(code, message)
 
     def connection_closed(self, reason: Failure) -> None:
+        self._cancel_deadline()
         self.owner.disconnected(self, self.refusal or ClientError(reason.getErrorMessage()))
 
 
@@ -252,7 +272,15 @@ class _ReconnectingClient:
         if not self._first_done and self._attempt >= 3 * len(self.servers):
             self._give_up(error)
             return
-        self._server_index += 1
+        if self._attempt == 1 and len(self.servers) > 2:
+            # A working session was lost: go to another server at random, so
+            # that a lost server's clients spread over the others instead of
+            # all landing on the next one in the list.
+            current = self._server_index % len(self.servers)
+            self._server_index = self.rng.choice(
+                [i for i in range(len(self.servers)) if i != current])
+        else:
+            self._server_index += 1
         delay = min(self.retry_max, self.retry_min * (2 ** min(self._attempt - 1, 8)))
         delay *= 0.5 + self.rng.random()
         self._retry_call = self.reactor.callLater(delay, self._connect)

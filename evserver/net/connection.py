@@ -104,6 +104,7 @@ class WireConnection(Protocol):
                 if isinstance(item, Preamble):
                     check_peer_preamble(item, self.protocol_name, not self.is_server)
                     self.peer_preamble = item
+                    self.preamble_received()
                     continue
                 msg_type, body = item
                 if msg_type == m.MEDIA:
@@ -257,6 +258,9 @@ class WireConnection(Protocol):
         return isinstance(msg, m.Pong)
 
     # -- for subclasses --------------------------------------------------
+
+    def preamble_received(self) -> None:
+        """The peer's preamble arrived and was accepted."""
 
     def message_received(self, msg: Any) -> None:
         raise NotImplementedError

@@ -17,10 +17,15 @@ keep their exact behaviour):
 * ``crash_host``: a killed process.  Its kernel resets its connections (the
   other ends hear it at once, unless the link is cut) and its own protocols
   are told nothing: a dead process runs no code.
-* ``half_open=True``: a connection closed by one end while the link is cut
-  stays open at the other end (an "orphan"), which learns of it only when
-  the link heals (a reset) or when it closes the connection itself, as with
-  TCP.  Without it the other end is told at once, whatever the link.
+* ``tcp_faults=True``: TCP's behaviour across a cut link.  A connection
+  closed by one end while the link is cut stays open at the other end (an
+  "orphan"), which learns of it only when the link heals (a reset) or when
+  it closes the connection itself.  A connection attempt across a cut gets
+  no answer, not even a refusal; its SYN is sent again 1, 3, 7, ... s after
+  the first (Linux's initial retransmission timeout doubling), so it
+  succeeds if the link heals before the attempt's timeout.  Without it the
+  other end of a close is told at once whatever the link, and an attempt
+  across a cut fails at its timeout.
 """
 
 from __future__ import annotations
@@ -159,16 +164,16 @@ class MemoryNetwork:
     """Listeners keyed by (host, port), connections moved by ``flush``."""
 
     def __init__(self, clock: Clock | None = None, chunk: int = 64 * 1024,
-                 half_open: bool = False) -> None:
+                 tcp_faults: bool = False) -> None:
         self.clock = clock or Clock()
         self.chunk = chunk
-        self.half_open = half_open
+        self.tcp_faults = tcp_faults
         self.listeners: dict[tuple[str, int], Factory] = {}
         self.connections: list[tuple[MemoryTransport, MemoryTransport]] = []
         self.down_hosts: set[str] = set()
         self.cut_links: set[frozenset[str]] = set()
         self.frozen_hosts: set[str] = set()
-        #: Ends whose peer closed while they could not hear it (see ``half_open``).
+        #: Ends whose peer closed while they could not hear it (see ``tcp_faults``).
         self.orphans: list[MemoryTransport] = []
         #: Connections to a frozen host, accepted by its kernel, not yet by it.
         self._held_accepts: list[tuple[IProtocolFactory, MemoryTransport, MemoryTransport]] = []
@@ -255,6 +260,11 @@ class MemoryNetwork:
 
     def _connect(self, source: str, host: str, port: int, client_factory: IProtocolFactory,
                  timeout: float) -> Deferred[Any]:
+        if self.tcp_faults and frozenset((source, host)) in self.cut_links:
+            d: Deferred[Any] = Deferred()
+            self._resend_syn(d, self.clock.seconds(), 1.0, source, host, port, client_factory,
+                             timeout)
+            return d
         factory = self.listeners.get((host, port))
         if factory is None or host in self.down_hosts or source in self.down_hosts:
             return defer.fail(error.ConnectionRefusedError(f"{host}:{port}"))
@@ -262,7 +272,7 @@ class MemoryNetwork:
                 frozenset((source, host)) not in self.cut_links):
             return self._connect_to_frozen(factory, source, host, port, client_factory)
         if not self.reachable(source, host):
-            d: Deferred[Any] = Deferred()
+            d = Deferred()
             self.clock.callLater(timeout, d.errback,
                                  Failure(error.TimeoutError(f"{host}:{port}")))
             return d
@@ -279,6 +289,21 @@ class MemoryNetwork:
         server_proto.makeConnection(st)
         client_proto.makeConnection(ct)
         return defer.succeed(client_proto)
+
+    def _resend_syn(self, d: Deferred[Any], start: float, rto: float, source: str, host: str,
+                    port: int, client_factory: IProtocolFactory, timeout: float) -> None:
+        """An attempt across a cut link: try again after ``rto``, until ``timeout``."""
+        elapsed = self.clock.seconds() - start
+        if elapsed > 0 and frozenset((source, host)) not in self.cut_links:
+            self._connect(source, host, port, client_factory,
+                          max(timeout - elapsed, 0.0)).chainDeferred(d)
+            return
+        if elapsed + rto >= timeout:
+            self.clock.callLater(max(timeout - elapsed, 0.0), d.errback,
+                                 Failure(error.TimeoutError(f"{host}:{port}")))
+        else:
+            self.clock.callLater(rto, self._resend_syn, d, start, 2 * rto, source, host, port,
+                                 client_factory, timeout)
 
     def _connect_to_frozen(self, factory: IProtocolFactory, source: str, host: str, port: int,
                            client_factory: IProtocolFactory) -> Deferred[Any]:
@@ -336,7 +361,7 @@ class MemoryNetwork:
             if t.protocol is None:  # a frozen host's kernel accepted it; the process never will
                 t.disconnected = t.disconnecting = True
                 continue
-            if t.host.host in self.frozen_hosts or (self.half_open and not self._hears(t)):
+            if t.host.host in self.frozen_hosts or (self.tcp_faults and not self._hears(t)):
                 t.orphaned = True
                 self.orphans.append(t)
                 continue

@@ -8,9 +8,9 @@ Run ``python -m evserver.tools.demo [--duration S] [--data DIR]``.  It
    :mod:`evserver.tools.cluster`) and provisions the domain ``demo``, the
    account ``demo`` (password ``demo``, an administrator) and the encoders
    ``cam1``..``camN``;
-2. starts three ``twistd -n evserver`` (TLS, loopback; the usual ports
-   5510/5520/5530/9443/47100 for the first server and the next ones up for
-   the others when they are free) and waits until each sees the others alive;
+2. starts three ``twistd -n evserver`` (TLS, on 127.0.0.1, 127.0.0.2 and
+   127.0.0.3, each on the usual ports 5510/5520/5530/9443/47100 when they
+   are free) and waits until each sees the others alive;
 3. starts one ``ev-encoder`` process per server running that server's share
    of the encoders (``--source testsrc``), each with ``--server`` listing
    every server starting with its own, so the encoders are spread over the
@@ -53,6 +53,7 @@ from evserver.tools.cluster import (
     ClusterError,
     LocalCluster,
     encoder_ids,
+    loopback_hosts,
 )
 from evserver.tools.common import (
     EXIT_ERROR,
@@ -75,7 +76,7 @@ from evserver.tools.procs import (
 
 PROG = "evserver-demo"
 SERVERS = 3
-#: The first server's ports; server ``i`` (from 0) uses each plus ``i``.
+#: Every server's ports, each server on its own loopback address.
 DEFAULT_PORTS = Ports(encoder=5510, viewer=5520, relay=5530, admin=9443, peer=47100)
 #: Seconds the encoders may take to connect before the demo gives up.
 CONNECT_TIMEOUT = 20.0
@@ -113,6 +114,8 @@ def build_parser() -> ArgumentParser:
 
 def _free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
+        # As the server listens: a port in TIME_WAIT from an earlier run is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -120,13 +123,12 @@ def _free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def choose_ports(count: int = SERVERS) -> list[Ports]:
-    """The usual ports (the first server's, then one up per server) if all are free,
-    else free ones."""
-    wanted = [Ports(*(p + i for p in DEFAULT_PORTS.as_dict().values())) for i in range(count)]
-    if all(_free(p) for ports in wanted for p in ports.as_dict().values()):
-        return wanted
-    return [Ports.free() for _ in range(count)]
+def choose_ports(hosts: Sequence[str]) -> list[Ports]:
+    """The usual ports for every server (each on its own address) if they are free, else
+    free ones."""
+    if all(_free(p, host) for host in hosts for p in DEFAULT_PORTS.as_dict().values()):
+        return [DEFAULT_PORTS] * len(hosts)
+    return [Ports.free(host) for host in hosts]
 
 
 def share(encoders: Sequence[str], servers: int, index: int) -> list[str]:
@@ -254,8 +256,10 @@ class Demo:
     def _run(self) -> int:
         args = self.args
         self.root.mkdir(parents=True, exist_ok=True)
+        hosts = loopback_hosts(SERVERS)
+        ports = LocalCluster.saved_ports(self.root, SERVERS) or choose_ports(hosts)
         cluster = self.cluster = LocalCluster(SERVERS, self.root, tls=not args.plain,
-                                              ports=choose_ports(), env=self.env)
+                                              hosts=hosts, ports=ports, env=self.env)
         cluster.form()
         ids = encoder_ids(args.encoders)
         cluster.provision(ids, names=lambda e: f"Demo camera {e.removeprefix('cam')}")
@@ -366,7 +370,7 @@ class Demo:
         if used is not None:
             names = self._server_names()
             self.say(f"{PROG}:   video came from {len(used)} server(s): "
-                     f"{', '.join(names.get(s, s) for s in used)}")
+                     f"{', '.join(sorted(names.get(s, s) for s in used))}")
         for encoder_id in ids:
             p = per.get(encoder_id, {})
             self.say(f"{PROG}:   {encoder_id}: {p.get('frames', 0)} frames, "
