@@ -1006,6 +1006,10 @@ def build_parser() -> argparse.ArgumentParser:
             "from separate processes: fanout (1 encoder -> N viewers), streams (N encoders, "
             "one viewer each), idle (N idle encoders).  Server CPU and RSS come from /proc."),
     )
+    sub.add_parser(
+        "failover", add_help=False,
+        help="time from a server's death (SIGKILL, SIGSTOP) to video at every viewer, on a "
+             "real local cluster (ev-bench failover --help)")
     relay.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     relay.add_argument("--duration", type=_positive_float, default=DEFAULT_DURATION,
                        help="seconds measured per run (default %(default)s)")
@@ -1105,6 +1109,11 @@ def run_relay(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``ev-bench`` console script."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["failover"]:
+        # The failover benchmark has its own options: ev-bench failover --help.
+        from evserver.tools.failover import main as failover_main
+
+        return failover_main(args_list[1:])
     if args_list[:1] == ["_loadgen"]:
         if len(args_list) != 2:
             print("usage: ev-bench _loadgen SPEC.json (internal)", file=sys.stderr)
