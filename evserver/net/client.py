@@ -31,6 +31,8 @@ log = Logger()
 
 SOFTWARE = f"evserver-client/{__version__}"
 CLIENT_MAX_FRAME = 8 * 1024 * 1024
+#: Seconds a server may take to send its preamble (TLS handshake included).
+PREAMBLE_DEADLINE = 5.0
 _MEDIA_PREFIX = struct.Struct("!IBI")
 
 
@@ -103,8 +105,10 @@ class _ClientConnection(WireConnection):
         super().connectionMade()
         # A frozen server accepts the TCP connection (the kernel does) but
         # never says a word: give up on it if its preamble does not come.
+        # Generous: a live server busy with a burst of TLS handshakes and
+        # logins after a failover must not be taken for a frozen one.
         self._deadline: IDelayedCall | None = self.clock.callLater(
-            getattr(self.owner, "connect_timeout", 2.0), self._no_answer)
+            PREAMBLE_DEADLINE, self._no_answer)
         self.owner.connected(self)
 
     def preamble_received(self) -> None:
