@@ -49,6 +49,7 @@ SELF_FILE = "self.json"
 STATUS_FILE = "status.json"
 ANTI_ENTROPY_INTERVAL = 10.0
 STORE_CHECK_INTERVAL = 0.5
+DUPLICATE_CLOSE_DELAY = 1.0
 
 
 @attrs.define
@@ -371,10 +372,14 @@ class ClusterService(Service):
         existing = self.connections.get(sid)
         if existing is not None and existing is not conn and existing.connected:
             # Both sides connected at once: keep the link the smaller id opened.
+            # The other side decides the same way; the link dropped is closed
+            # a moment later, so that the peer, which may have counted on it,
+            # has the kept one up before it sees this one go.
             opener_of_new = self.server_id if not conn.is_server else sid
             if opener_of_new != min(self.server_id, sid):
-                return False
-            existing.close()
+                self.reactor.callLater(DUPLICATE_CLOSE_DELAY, conn.close)
+                return True
+            self.reactor.callLater(DUPLICATE_CLOSE_DELAY, existing.close)
         if sid not in self.membership or self.members[sid].address != hello.address:
             self.add_member(sid, hello.address, hello.incarnation)
         if not self.membership.on_connection_made(sid, hello.incarnation):

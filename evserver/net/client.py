@@ -205,6 +205,9 @@ class _ReconnectingClient:
             raise ValueError("need at least one server address")
         self.reactor = reactor
         self.servers = list(servers)
+        #: The addresses given at start, kept whatever the servers say later.
+        self.configured = list(servers)
+        self._tried: set[Address] = set()
         self.tls = tls
         self.connect_timeout = connect_timeout
         self.retry_min = retry_min
@@ -276,15 +279,19 @@ class _ReconnectingClient:
         if not self._first_done and self._attempt >= 3 * len(self.servers):
             self._give_up(error)
             return
-        if self._attempt == 1 and len(self.servers) > 2:
-            # A working session was lost: go to another server at random, so
-            # that a lost server's clients spread over the others instead of
-            # all landing on the next one in the list.
-            current = self._server_index % len(self.servers)
-            self._server_index = self.rng.choice(
-                [i for i in range(len(self.servers)) if i != current])
-        else:
-            self._server_index += 1
+        # Go to another server at random among those not tried since the last
+        # working session, so that a lost server's clients spread over the
+        # others instead of all landing on the next one in the list, and a
+        # server that just failed is not tried again before the rest.
+        if self._attempt == 1:
+            self._tried.clear()
+        current = self._server_index % len(self.servers)
+        self._tried.add(self.servers[current])
+        untried = [i for i, a in enumerate(self.servers) if a not in self._tried]
+        if not untried:
+            self._tried.clear()
+            untried = [i for i in range(len(self.servers)) if i != current] or [current]
+        self._server_index = self.rng.choice(untried)
         delay = min(self.retry_max, self.retry_min * (2 ** min(self._attempt - 1, 8)))
         delay *= 0.5 + self.rng.random()
         self._retry_call = self.reactor.callLater(delay, self._connect)
@@ -316,8 +323,12 @@ class _ReconnectingClient:
         addresses = [Address(s.host, self.port_of(s)) for s in servers]
         if addresses:
             current = self.servers[self._server_index % len(self.servers)]
-            self.servers = addresses
-            self._server_index = addresses.index(current) if current in addresses else 0
+            # The servers the cluster names now, then those given at start
+            # that it does not name (down at the moment): if every named
+            # server dies, the client still tries the others when they return.
+            self.servers = addresses + [a for a in self.configured if a not in addresses]
+            self._server_index = (self.servers.index(current) if current in self.servers
+                                  else 0)
 
     def _open_relay(self) -> None:
         if self._relay_address is None or self.stopped:

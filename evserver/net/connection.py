@@ -210,6 +210,10 @@ class WireConnection(Protocol):
         if not self.connected:
             return
         self.failed = True
+        # A TLS transport starts its shutdown only once no producer is
+        # registered: without this, every close would wait for the abort.
+        with contextlib.suppress(Exception):
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
         if self._abort_call is None:
             self._abort_call = self.clock.callLater(CLOSE_GRACE, self._abort)
