@@ -208,6 +208,8 @@ class _ReconnectingClient:
         #: The addresses given at start, kept whatever the servers say later.
         self.configured = list(servers)
         self._tried: set[Address] = set()
+        #: The addresses of the last server list (the servers the cluster thinks alive).
+        self._named: set[Address] = set(servers)
         self.tls = tls
         self.connect_timeout = connect_timeout
         self.retry_min = retry_min
@@ -288,6 +290,11 @@ class _ReconnectingClient:
         current = self._server_index % len(self.servers)
         self._tried.add(self.servers[current])
         untried = [i for i, a in enumerate(self.servers) if a not in self._tried]
+        # Servers the cluster names as alive come before the other configured
+        # ones, which it may have declared dead (a frozen one among them).
+        named = [i for i in untried if self.servers[i] in self._named]
+        if named:
+            untried = named
         if not untried:
             self._tried.clear()
             untried = [i for i in range(len(self.servers)) if i != current] or [current]
@@ -327,6 +334,7 @@ class _ReconnectingClient:
             # that it does not name (down at the moment): if every named
             # server dies, the client still tries the others when they return.
             self.servers = addresses + [a for a in self.configured if a not in addresses]
+            self._named = set(addresses)
             self._server_index = (self.servers.index(current) if current in self.servers
                                   else 0)
 
