@@ -387,7 +387,12 @@ class ClusterService(Service):
         self.members[sid].incarnation = hello.incarnation
         self.connections[sid] = conn
         conn.send(self.member_list())
-        conn.send(p.Directory(tuple(_to_wire(loc) for loc in self.core.reannounce())))
+        # Our registrations, and our last word on encoders that left us (a
+        # peer that was not linked when we announced them offline must hear it).
+        own = self.core.reannounce() + [
+            loc for loc in self.core.locations.entries.values()
+            if loc.server_id == self.server_id and not loc.online]
+        conn.send(p.Directory(tuple(_to_wire(loc) for loc in own)))
         self._request_digest(sid)
         return True
 
