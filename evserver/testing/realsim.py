@@ -124,6 +124,8 @@ T0 = 1_700_000_000.0
 #: Clients' and servers' keepalives as shipped (0.5 s / 1.5 s).
 FAST = ServerSettings(keepalive_interval=0.5, keepalive_timeout=1.5)
 ACCOUNT, PASSWORD, DOMAIN = "alice", "alice-pw", "north"
+#: The clients' connection timeout (``_ReconnectingClient``'s default).
+CLIENT_CONNECT_TIMEOUT = 2.0
 #: How a viewer's frames may pause before it counts as not receiving.
 GAP = 0.35
 
@@ -453,6 +455,11 @@ class RealCluster:
         self.frames = FrameLog()
         self.encoders: dict[str, EncoderClient] = {}
         self.viewers: list[ClusterViewer] = []
+        #: Client object -> when it was last seen waiting for a frozen server
+        #: to accept it (a ClusterViewer counts for its sessions).
+        self.frozen_waits: dict[Any, float] = {}
+        #: Client object -> when it last started a connection attempt into a cut link.
+        self.blind_attempts: dict[Any, float] = {}
         #: Every replicated field written through ``write``: newest by stamp.
         self.written: dict[tuple[str, str, str], Written] = {}
         self._rng = random.Random(seed)
@@ -564,26 +571,42 @@ class RealCluster:
         addresses = [Address(s.host, port) for s in self.servers.values()]
         return addresses[first:] + addresses[:first]
 
-    def _connector(self) -> Callable[[Address], Any]:
-        return lambda a: self.net.endpoint(a.host, a.port, CLIENT_HOST, 2.0)
+    def _connector(self, owner: list[Any], host: str = CLIENT_HOST
+                   ) -> Callable[[Address], Any]:
+        """Client endpoints from ``host``; attempts into a cut link are noted for ``owner[0]``."""
+        def connect(a: Address) -> Any:
+            if frozenset((host, a.host)) in self.net.cut_links and owner:
+                self.blind_attempts[owner[0]] = self.clock.seconds()
+            return self.net.endpoint(a.host, a.port, host, CLIENT_CONNECT_TIMEOUT)
+        return connect
+
+    def tried_unreachable(self, client: Any, since: float) -> bool:
+        """Whether ``client`` had a connection attempt into a cut link under way after ``since``."""
+        start = self.blind_attempts.get(client)
+        return start is not None and start + CLIENT_CONNECT_TIMEOUT >= since
 
     def add_encoder(self, encoder_id: str, first: int = 0) -> EncoderClient:
         source = SyntheticSource(self.bitrate, self.fps, keyframe_interval=int(self.fps),
                                  seed=len(self.encoders))
+        owner: list[Any] = []
         enc = EncoderClient(self.clock, self._addresses(ENCODER_PORT, first), encoder_id,
                             self.secrets[encoder_id], source, TLSConfig(enabled=False),
-                            connector=self._connector(), rng=random.Random(self._seed()))
+                            connector=self._connector(owner), rng=random.Random(self._seed()))
+        owner.append(enc)
         self.encoders[encoder_id] = enc
         enc.start().addErrback(lambda f: None)
         return enc
 
-    def add_viewer(self, first: int = 0) -> ClusterViewer:
+    def add_viewer(self, first: int = 0, host: str = CLIENT_HOST) -> ClusterViewer:
+        """A viewer homed first on the ``first``-th server, on client host ``host``."""
         index = len(self.viewers)
+        owner: list[Any] = []
         viewer = ClusterViewer(
             self.clock, self._addresses(VIEWER_PORT, first), ACCOUNT, PASSWORD,
             TLSConfig(enabled=False),
             on_media=lambda e, f: self.frames.record(index, e, self.clock.seconds()),
-            connector=self._connector(), rng=random.Random(self._seed()))
+            connector=self._connector(owner, host), rng=random.Random(self._seed()))
+        owner.append(viewer)
         self.viewers.append(viewer)
         viewer.start().addErrback(lambda f: None)
         return viewer
@@ -606,6 +629,18 @@ class RealCluster:
                 return
             self.clock.advance(max(0.0, due - self.clock.seconds()))
             self.net.flush()
+            self._note_frozen_waits()
+
+    def _note_frozen_waits(self) -> None:
+        for _factory, _st, ct in self.net._held_accepts:
+            owner = getattr(ct.protocol, "owner", None)
+            while owner is not None:
+                self.frozen_waits[owner] = self.clock.seconds()
+                owner = getattr(owner, "owner", None)
+
+    def waited_on_frozen(self, client: Any, since: float) -> bool:
+        """Whether ``client`` waited after ``since`` for a frozen server to accept it."""
+        return self.frozen_waits.get(client, float("-inf")) >= since
 
     def run_until(self, predicate: Callable[[], bool], timeout: float,
                   step: float = 0.01) -> float:
@@ -647,6 +682,7 @@ class RealCluster:
         if s.state != "frozen":
             return
         self.trace.append((round(self.now() - T0, 6), "thaw", sid))
+        self._note_frozen_waits()
         s.state = "up"
         self.net.thaw_host(s.host)
         s.clock.thaw()
@@ -891,7 +927,8 @@ _MEMBERSHIP_TIMERS = (ms._heartbeat, ms._silence_check, ms._deadline)
 def _leak(func: Any) -> str:
     """Why a pending call is a leak ("" if it is not, or if its owner is not known)."""
     obj = getattr(func, "__self__", None)
-    if isinstance(obj, WireConnection) and not obj.connected:
+    if isinstance(obj, WireConnection) and not obj.connected and (
+            getattr(func, "__name__", "") != "close"):  # a delayed close is a no-op then
         return "its connection is closed"
     if isinstance(obj, Keepalive):
         conn = getattr(obj._on_timeout, "__self__", None)
