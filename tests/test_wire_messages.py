@@ -47,6 +47,8 @@ def kind_strategy(kind: m.Kind) -> st.SearchStrategy[Any]:
         return st.text(TEXT_CHARS, max_size=12)
     if kind is m.BYTES16:
         return st.binary(max_size=40)
+    if isinstance(kind, m.Choice):
+        return st.sampled_from(sorted(kind.values))
     assert isinstance(kind, m._Int), kind
     return st.integers(min_value=0, max_value=kind.max)
 
@@ -192,6 +194,7 @@ EXPECTED_DIRECTIONS: dict[tuple[ProtocolName, bool], set[str]] = {
         "StartStream",
         "StopStream",
         "KeyframeRequest",
+        "EncoderRedirect",
     },
     (VIEW, False): _COMMON | {"Login", "ListEncoders", "Watch", "Unwatch"},
     (VIEW, True): _COMMON

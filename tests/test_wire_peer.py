@@ -174,7 +174,7 @@ def _trailing_bytes_are_malformed(msg: Any) -> None:
 _COMMON = {"Error", "Ping", "Pong"}
 _SYMMETRIC = {
     "Heartbeat", "HeartbeatAck", "ProbeRequest", "ProbeReply", "MemberList", "Leave",
-    "Updates", "DigestRequest", "Digest", "Directory",
+    "Updates", "DigestRequest", "Digest", "Directory", "MoveRequest", "MoveResult",
 }
 EXPECTED = {
     False: _COMMON | _SYMMETRIC | {"PeerHello", "JoinRequest"},  # from the dialler
@@ -194,7 +194,7 @@ def test_type_numbers() -> None:
         "PeerHello": 0x50, "PeerWelcome": 0x51, "Heartbeat": 0x52, "HeartbeatAck": 0x53,
         "ProbeRequest": 0x54, "ProbeReply": 0x55, "MemberList": 0x56, "Leave": 0x57,
         "Updates": 0x60, "DigestRequest": 0x61, "Digest": 0x62, "Directory": 0x68,
-        "JoinRequest": 0x70, "JoinAccept": 0x71,
+        "MoveRequest": 0x69, "MoveResult": 0x6A, "JoinRequest": 0x70, "JoinAccept": 0x71,
     }
     assert 0x7F not in m.MESSAGES  # reserved; framing.rst's "unknown-type" vector uses it
 

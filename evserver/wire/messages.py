@@ -357,6 +357,9 @@ class EncoderAuth:
     encoder_id: str = wire(STR)
     secret: str = wire(STR)
     software: str = wire(STR)
+    #: The server whose EncoderRedirect sent the encoder here ("" if none):
+    #: such an encoder is not redirected again.
+    placed_by: str = wire(STR, default="")
 
 
 @message(0x11, protocols=ENC, from_server=True)
@@ -390,6 +393,29 @@ class StopStream:
 @attrs.frozen
 class KeyframeRequest:
     pass
+
+
+class RedirectReason:
+    """Why a server sends an encoder elsewhere (``EncoderRedirect.reason``)."""
+
+    PLACEMENT = 1  # on connect: another server should host it (lighter, or its pool)
+    BALANCE = 2  # an idle encoder moved to even out the load
+    POOL = 3  # an idle encoder moved back into its server pool
+
+
+
+REDIRECT_REASONS = {RedirectReason.PLACEMENT: "placement", RedirectReason.BALANCE: "balance",
+                    RedirectReason.POOL: "pool"}
+
+
+@message(0x16, protocols=ENC, from_server=True)
+@attrs.frozen
+class EncoderRedirect:
+    """Connect to ``server`` instead (naming this server in ``EncoderAuth.placed_by``)."""
+
+    server: ServerInfo = wire(Embedded(ServerInfo))  # noqa: RUF009 (an attrs field)
+    reason: int = wire(Choice(U8, (RedirectReason.PLACEMENT, RedirectReason.BALANCE,
+                                   RedirectReason.POOL)))
 
 
 # Viewer control -----------------------------------------------------------

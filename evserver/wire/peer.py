@@ -297,6 +297,39 @@ class Directory:
     locations: tuple[Location, ...] = wire(ListOf(Location), converter=tuple)
 
 
+# Balancing ----------------------------------------------------------------
+
+
+class MoveOutcome(enum.IntEnum):
+    """What the hosting server did with a ``MoveRequest``."""
+
+    REDIRECTED = 1  # the encoder was sent to the target
+    STREAMING = 2  # refused: the encoder streams (started meanwhile)
+    NOT_HERE = 3  # refused: this server does not host the encoder (any more)
+    UNKNOWN_TARGET = 4  # refused: the target is not a live member here
+
+
+@message(0x69, protocols=PEER, from_server=None)
+@attrs.frozen
+class MoveRequest:
+    """From the balancer's decider to the server hosting an idle encoder: move it."""
+
+    move_id: int = wire(U32)
+    encoder_id: str = wire(STR)
+    target_server_id: str = wire(SERVER_ID)
+    reason: str = wire(STR)
+
+
+@message(0x6A, protocols=PEER, from_server=None)
+@attrs.frozen
+class MoveResult:
+    """The hosting server's answer to a ``MoveRequest``."""
+
+    move_id: int = wire(U32)
+    encoder_id: str = wire(STR)
+    outcome: int = wire(Choice(U8, MoveOutcome))
+
+
 # Joining ------------------------------------------------------------------
 
 
