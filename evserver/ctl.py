@@ -1,4 +1,5 @@
-"""``evserver-ctl``: manage the domains, accounts and encoders of a data directory.
+"""``evserver-ctl``: manage the domains, accounts, encoders, server pools and server
+weights of a data directory.
 
 Examples::
 
@@ -7,6 +8,17 @@ Examples::
     evserver-ctl --data DIR account add --domain example --admin --password-file pw.txt root
     evserver-ctl --data DIR encoder add --domain example cam-1 --name "Front door"
     evserver-ctl --data DIR encoder list --json
+    evserver-ctl --data DIR pool create east --servers SERVER-ID,SERVER-ID
+    evserver-ctl --data DIR pool assign --encoder cam-1 east        # or --domain NAME
+    evserver-ctl --data DIR server weight SERVER-ID 2
+    evserver-ctl --data DIR server list
+
+A pool names the servers that its encoders (and the encoders of its domains)
+prefer over the balancer's choice; a server's weight is its capacity
+relative to the others (1 by default).  Both are cluster-wide: a running
+server sends the change to the others within seconds.  The servers a pool
+or a weight names must be members of the cluster as this data directory
+knows them (``server list``), unless ``--force`` is given.
 
 It works on the SQLite database directly (safe while the server runs: WAL
 mode and short transactions).  Errors print ``evserver-ctl: error: ...`` and
@@ -25,8 +37,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from evserver.config import DEFAULT_DATA_DIR
-from evserver.store import Account, Domain, Encoder, Store, StoreError
+from evserver.config import DEFAULT_DATA_DIR, load_or_create_server_id
+from evserver.store import (
+    DEFAULT_WEIGHT,
+    Account,
+    Domain,
+    Encoder,
+    Pool,
+    Store,
+    StoreError,
+    validate_description,
+    validate_pool_name,
+    validate_pool_servers,
+    validate_server_id,
+    validate_weight,
+)
 
 PROG = "evserver-ctl"
 ERROR_STATUS = 2
@@ -39,7 +64,8 @@ class CtlError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Manage the domains, accounts and encoders of an evserver data directory.",
+        description="Manage the domains, accounts, encoders, server pools and server weights "
+                    "of an evserver data directory.",
     )
     parser.add_argument(
         "--data",
@@ -47,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help=f"server data directory, created if missing (default: {DEFAULT_DATA_DIR})",
     )
-    groups = parser.add_subparsers(dest="group", metavar="{domain,account,encoder,msr}")
+    groups = parser.add_subparsers(dest="group",
+                                   metavar="{domain,account,encoder,pool,server,msr}")
     groups.required = True
 
     domain = groups.add_parser("domain", help="manage domains").add_subparsers(
@@ -122,7 +149,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p = encoder.add_parser("delete", help="delete an encoder")
     p.add_argument("encoder_id", metavar="ID")
+
+    pool = groups.add_parser(
+        "pool", help="server pools: the servers some encoders prefer").add_subparsers(
+        dest="command", metavar="{create,set,delete,list,assign}")
+    pool.required = True
+    p = pool.add_parser("create", help="create a pool of servers")
+    p.add_argument("name")
+    _pool_arguments(p, servers_required=True)
+    p = pool.add_parser("set", help="change a pool's servers or description")
+    p.add_argument("name")
+    _pool_arguments(p, servers_required=False)
+    p = pool.add_parser("delete", help="delete a pool no encoder or domain uses")
+    p.add_argument("name")
+    p = pool.add_parser("list", help="list pools")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = pool.add_parser("assign", help="give an encoder or a domain a pool, or none")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--encoder", metavar="ID", help="this encoder (its own pool)")
+    which.add_argument("--domain", metavar="NAME",
+                       help="this domain (for its encoders without a pool of their own)")
+    p.add_argument("pool", nargs="?", metavar="POOL", help="the pool's name")
+    p.add_argument("--none", action="store_true", help="no pool (instead of POOL)")
+
+    server = groups.add_parser("server", help="the servers of the cluster").add_subparsers(
+        dest="command", metavar="{list,weight}")
+    server.required = True
+    p = server.add_parser("list", help="list the servers with their weights and pools")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = server.add_parser("weight", help="set a server's capacity weight for balancing")
+    p.add_argument("server_id", metavar="SERVER_ID")
+    p.add_argument("weight", metavar="WEIGHT",
+                   help="a number over 0 and up to 1000 (relative to the others), "
+                        f"or 'default' ({DEFAULT_WEIGHT:g})")
+    p.add_argument("--force", action="store_true",
+                   help="even for a server this data directory does not know as a member")
     return parser
+
+
+def _pool_arguments(parser: argparse.ArgumentParser, *, servers_required: bool) -> None:
+    parser.add_argument("--servers", required=servers_required, metavar="ID,ID...",
+                        help="the pool's server ids, comma separated, in order of preference")
+    parser.add_argument("--description", help="what the pool is for")
+    parser.add_argument("--force", action="store_true",
+                        help="accept servers this data directory does not know as members")
 
 
 def _password_arguments(parser: argparse.ArgumentParser) -> None:
@@ -290,6 +360,7 @@ class _Ctl:
 
     def domain_list(self, store: Store) -> None:
         domains = store.list_domains()
+        pools = {p.name for p in store.list_pools()}
         accounts: dict[str, int] = {}
         encoders: dict[str, int] = {}
         for account in store.list_accounts():
@@ -302,12 +373,13 @@ class _Ctl:
             )
             return
         self.table(
-            ("NAME", "ACCOUNTS", "ENCODERS", "CREATED"),
+            ("NAME", "ACCOUNTS", "ENCODERS", "POOL", "CREATED"),
             [
                 (
                     d.name,
                     str(accounts.get(d.name, 0)),
                     str(encoders.get(d.name, 0)),
+                    _pool_cell(d.pool, pools),
                     _when(d.created),
                 )
                 for d in domains
@@ -372,14 +444,170 @@ class _Ctl:
         if self.args.json:
             self.dump([_encoder_json(e) for e in encoders])
             return
+        pools = {p.name for p in store.list_pools()}
         self.table(
-            ("ID", "NAME", "DOMAIN", "CREATED"),
-            [(e.encoder_id, e.name, e.domain, _when(e.created)) for e in encoders],
+            ("ID", "NAME", "DOMAIN", "POOL", "CREATED"),
+            [(e.encoder_id, e.name, e.domain, _pool_cell(e.pool, pools), _when(e.created))
+             for e in encoders],
         )
 
     def encoder_delete(self, store: Store) -> None:
         store.delete_encoder(self.args.encoder_id)
         self.print(f"encoder {self.args.encoder_id!r} deleted")
+
+    # -- pools and servers ----------------------------------------------------
+
+    def known_servers(self) -> list[str]:
+        """This server and the members of its cluster (DATA/cluster/members.json)."""
+        from evserver.cluster.provision import _read_members
+
+        data_dir = Path(self.args.data)
+        own = load_or_create_server_id(data_dir)
+        members = [str(m["server_id"]) for m in _read_members(data_dir)
+                   if isinstance(m, dict) and m.get("server_id") and not m.get("removed")]
+        return [own, *sorted(set(members) - {own})]
+
+    def check_members(self, servers: Sequence[str]) -> None:
+        if self.args.force:
+            return
+        known = self.known_servers()
+        unknown = [s for s in servers if s not in known]
+        if unknown:
+            raise CtlError(
+                f"{_names(unknown)} {'is not a member' if len(unknown) == 1 else 'are not members'}"
+                f" of this server's cluster (known: {', '.join(known)}); "
+                "see 'evserver-ctl server list', or give --force"
+            )
+
+    def servers_option(self) -> list[str] | None:
+        text = self.args.servers
+        if text is None:
+            return None
+        servers = [part.strip() for part in text.split(",")]
+        if servers == [""]:
+            raise CtlError("--servers: give at least one server id")
+        return servers
+
+    def pool_create(self, store: Store) -> None:
+        servers = self.servers_option()
+        assert servers is not None
+        description = self.args.description if self.args.description is not None else ""
+        # The store's own checks first: a malformed id is no unknown member.
+        validate_pool_name(self.args.name)
+        validate_pool_servers(servers)
+        validate_description(description)
+        self.check_members(servers)
+        pool = store.create_pool(self.args.name, servers, description)
+        self.print(f"pool {pool.name!r} created: {', '.join(pool.servers)}")
+
+    def pool_set(self, store: Store) -> None:
+        servers = self.servers_option()
+        if servers is None and self.args.description is None:
+            raise CtlError("nothing to change: give --servers, --description or both")
+        if store.get_pool(self.args.name) is None:
+            raise CtlError(f"no pool named {self.args.name!r}")
+        if servers is not None:
+            validate_pool_servers(servers)
+            self.check_members(servers)
+        pool = store.update_pool(self.args.name, servers=servers,
+                                 description=self.args.description)
+        self.print(f"pool {pool.name!r} changed: {', '.join(pool.servers)}")
+
+    def pool_delete(self, store: Store) -> None:
+        store.delete_pool(self.args.name)
+        self.print(f"pool {self.args.name!r} deleted")
+
+    def pool_list(self, store: Store) -> None:
+        pools = store.list_pools()
+        users = {p.name: store.pool_users(p.name) for p in pools}
+        if self.args.json:
+            self.dump([_pool_json(p, *users[p.name]) for p in pools])
+            return
+        self.table(
+            ("NAME", "SERVERS", "ENCODERS", "DOMAINS", "DESCRIPTION"),
+            [(p.name, ",".join(p.servers), str(len(users[p.name][0])),
+              str(len(users[p.name][1])), p.description) for p in pools],
+        )
+
+    def pool_assign(self, store: Store) -> None:
+        args = self.args
+        if (args.pool is None) == (not args.none):
+            raise CtlError("give either a POOL or --none")
+        pool = None if args.none else args.pool
+        if args.encoder is not None:
+            store.set_encoder_pool(args.encoder, pool)
+            what = f"encoder {args.encoder!r}"
+        else:
+            store.set_domain_pool(args.domain, pool)
+            what = f"domain {args.domain!r}"
+        if pool is None:
+            self.print(f"{what} has no pool now")
+        else:
+            self.print(f"{what} now uses pool {pool!r}")
+
+    def server_rows(self, store: Store) -> tuple[list[dict[str, Any]], str | None]:
+        """Every member (this server first), then other servers a weight or a pool names;
+        and when the running server last wrote its members' states (None: never)."""
+        known = self.known_servers()
+        weights = store.server_weights()
+        pools: dict[str, list[str]] = {}
+        for pool in store.list_pools():
+            for server_id in pool.servers:
+                pools.setdefault(server_id, []).append(pool.name)
+        states: dict[str, Any] = {}
+        states_at: str | None = None
+        try:
+            status = json.loads((Path(self.args.data) / "cluster" / "status.json")
+                                .read_text("utf-8"))
+            states = {str(sid): v.get("state") for sid, v in status.get("members", {}).items()}
+            states_at = _iso(float(status.get("at", 0)))
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass
+        others = sorted((set(weights) | set(pools)) - set(known))
+        rows = []
+        for server_id in [*known, *others]:
+            member = server_id in known
+            if server_id == known[0]:
+                state = "this server"
+            elif not member:
+                state = "not a member"
+            else:
+                state = str(states.get(server_id) or "unknown")
+            rows.append({"server_id": server_id, "this": server_id == known[0],
+                         "member": member, "state": state,
+                         "weight": weights.get(server_id, DEFAULT_WEIGHT),
+                         "pools": pools.get(server_id, [])})
+        return rows, states_at
+
+    def server_list(self, store: Store) -> None:
+        rows, states_at = self.server_rows(store)
+        if self.args.json:
+            self.dump(rows)
+            return
+        self.table(("SERVER", "STATE", "WEIGHT", "POOLS"),
+                   [(r["server_id"], r["state"], f"{r['weight']:g}",
+                     ",".join(r["pools"]) or "-") for r in rows])
+        if states_at is not None:
+            self.print(f"(states as the running server saw them at {states_at})")
+
+    def server_weight(self, store: Store) -> None:
+        args = self.args
+        if args.weight == "default":
+            weight: float | None = None
+        else:
+            try:
+                weight = float(args.weight)
+            except ValueError:
+                raise CtlError(f"weight {args.weight!r} is not a number "
+                               "(or 'default')") from None
+        validate_server_id(args.server_id)
+        if weight is not None:  # (going back to the default is fine for any server)
+            validate_weight(weight)
+            self.check_members([args.server_id])
+        store.set_server_weight(args.server_id, weight)
+        shown = DEFAULT_WEIGHT if weight is None else weight
+        self.print(f"server {args.server_id!r} weighs {shown:g}"
+                   + (" (the default)" if weight is None else ""))
 
 
 def _when(timestamp: float) -> str:
@@ -391,10 +619,27 @@ def _iso(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()
 
 
+def _pool_cell(pool: str | None, pools: set[str]) -> str:
+    """A pool reference as a table shows it (a pool deleted meanwhile counts as none)."""
+    if pool is None:
+        return "-"
+    return pool if pool in pools else f"{pool} (no such pool)"
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def _pool_json(p: Pool, encoders: list[str], domains: list[str]) -> dict[str, Any]:
+    return {"name": p.name, "servers": list(p.servers), "description": p.description,
+            "encoders": encoders, "domains": domains}
+
+
 def _domain_json(d: Domain, accounts: int, encoders: int) -> dict[str, Any]:
     return {
         "name": d.name,
         "uid": d.uid,
+        "pool": d.pool,
         "accounts": accounts,
         "encoders": encoders,
         "created": _iso(d.created),
@@ -418,6 +663,7 @@ def _encoder_json(e: Encoder) -> dict[str, Any]:
         "encoder_id": e.encoder_id,
         "name": e.name,
         "domain": e.domain,
+        "pool": e.pool,
         "uid": e.uid,
         "created": _iso(e.created),
         "updated": _iso(e.updated),

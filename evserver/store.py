@@ -1,7 +1,8 @@
 """The server's persistent store: SQLite in the data directory, replicated by record.
 
-Domains, accounts, encoders, the audit log, cluster settings and join tokens
-live in ``<data dir>/evserver.sqlite3`` (WAL mode, foreign keys on).  The
+Domains, accounts, encoders, server pools, server capacity weights, the
+audit log, cluster settings and join tokens live in
+``<data dir>/evserver.sqlite3`` (WAL mode, foreign keys on).  The
 schema is versioned with ``PRAGMA user_version`` and upgraded on open by an
 ordered list of migrations, all applied in one transaction; a database newer
 than this code is refused.
@@ -20,7 +21,8 @@ stamp of the write that set it, a delete is a tombstone stamp, and a merge
 keeps per field the value with the larger stamp.  The design:
 
 * **The replica key is the natural key**: domain name, account name, encoder
-  id, audit entry id, setting key, join token id.  The same name created on
+  id, pool name, server id (of a capacity weight), audit entry id, setting
+  key, join token id.  The same name created on
   both sides of a partition is one record and merges field by field.
 * **References by name.**  Accounts and encoders name their domain (column
   ``domain``, a foreign key to ``domains.name``), so a record means the same
@@ -50,12 +52,32 @@ keeps per field the value with the larger stamp.  The design:
   domain (delete the domain again once it is empty).  Which rows are visible
   is a function of the replicated state alone, so every converged server
   lists the same.
+* **Pools.**  A pool (``pools``: a name, the ids of its servers, a
+  description) is named by encoders and domains in their column ``pool``
+  (NULL: none), by name like the domain references, but *without* a foreign
+  key and without placeholder rows: a pool record carries data a
+  placeholder could not stand in for, and a reference may legitimately
+  outlive its pool (deleted on one server while assigned on another).  A
+  reference to a pool that is not live is *dangling*: it is kept and
+  replicated, counts as no pool (:meth:`Store.encoder_pools` falls back to
+  the domain's pool, then to none) and comes back to life if a pool of that
+  name is created again.  :meth:`Store.delete_pool` refuses while a live
+  encoder or domain uses the pool, so only concurrent changes leave a
+  dangling reference.  The pool of a domain counts only while the domain
+  record is live (not while it is listed only through its accounts or
+  encoders).  ``server_weights`` holds each server's capacity weight for the
+  balancer (a server without a record weighs 1; a delete resets to 1).
 * **Stamps.**  One stamp per write call, from :attr:`Store.hlc`; a local
   write is always stamped later than the record's current state, so it takes
   effect.  Stamps found in the database and in merged updates are observed,
   so the clock never goes back across restarts.  The migration that added
   the columns stamped every existing row with one stamp from this clock: a
-  standalone server that becomes a cluster keeps its data.
+  standalone server that becomes a cluster keeps its data.  A migration that
+  adds a field to a replicated table with a ``uid`` (``pool``, schema 4)
+  stamps it in every existing record with the stamp of the record's ``uid``
+  (the stamp of its last (re)creation), with a null value:
+  which records are live does not change, and servers that held the same
+  records before the upgrade hold the same fingerprints after it.
 
 ``subscribe`` gives the change feed (one :class:`~evserver.state.replica.Update`
 per committed local write, to push to peers), ``apply_updates`` merges what
@@ -72,7 +94,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import os
 import re
 import secrets
@@ -103,6 +124,14 @@ MAX_SECRET_CHARS = 256
 SECRET_PATTERN = re.compile(r"[!-~]+")  # printable ASCII, no spaces
 SETTING_KEY_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TOKEN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,64}")
+#: A server id, as ``evserver.config.SERVER_ID_PATTERN``.
+SERVER_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: The most servers one pool may name.
+MAX_POOL_SERVERS = 64
+MAX_DESCRIPTION_CHARS = 256
+#: Capacity weights: 0 < weight <= MAX_WEIGHT; a server without one weighs DEFAULT_WEIGHT.
+MAX_WEIGHT = 1000.0
+DEFAULT_WEIGHT = 1.0
 #: The longest text a replicated field may hold (audit details, settings as JSON).
 MAX_FIELD_CHARS = 65536
 _SECRET_SCHEME = "sha256$"
@@ -111,7 +140,16 @@ LOCAL_NODE = "local"
 
 
 class StoreError(Exception):
-    """Base class of every error the store reports."""
+    """Base class of every error the store reports.
+
+    ``field`` names the input at fault when the error is about one
+    (``"name"``, ``"servers"``, ``"weight"``, ``"pool"``...), so that a form
+    can show the message next to that field; None otherwise.
+    """
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class Invalid(StoreError):
@@ -127,7 +165,7 @@ class NotFound(StoreError):
 
 
 class NotEmpty(StoreError):
-    """A domain still has accounts or encoders."""
+    """A domain still has accounts or encoders, or a pool is still assigned."""
 
 
 class SchemaTooNew(StoreError):
@@ -288,6 +326,41 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         *(f"UPDATE {table} SET fp = evs_fingerprint(stamps, deleted)"
           for table in ("domains", "accounts", "encoders", "audit_log")),
     ),
+    # 3 -> 4: server pools and capacity weights (requirement R9).  New
+    # replicated tables ``pools`` (``servers``: a JSON array of server ids)
+    # and ``server_weights``; encoders and domains gain ``pool``, a pool's
+    # name or NULL, without a foreign key (see "Pools" in the module
+    # docstring).  Every record's new ``pool`` field is stamped with the
+    # stamp of its ``uid`` (a record without one is not live and stays so),
+    # so liveness is unchanged and upgraded replicas agree on fingerprints.
+    (
+        "ALTER TABLE encoders ADD COLUMN pool TEXT "
+        "CHECK (pool IS NULL OR length(pool) BETWEEN 1 AND 64)",
+        "ALTER TABLE domains ADD COLUMN pool TEXT "
+        "CHECK (pool IS NULL OR length(pool) BETWEEN 1 AND 64)",
+        *(f"""
+        UPDATE {table}
+        SET stamps = json_set(stamps, '$.pool', json_extract(stamps, '$.uid')),
+            fp = evs_fingerprint(json_set(stamps, '$.pool', json_extract(stamps, '$.uid')),
+                                 deleted)
+        WHERE json_extract(stamps, '$.uid') IS NOT NULL
+        """ for table in ("encoders", "domains")),
+        "CREATE INDEX encoders_pool ON encoders (pool, live)",
+        f"""
+        CREATE TABLE pools (
+            name        TEXT PRIMARY KEY NOT NULL CHECK (length(name) BETWEEN 1 AND 64),
+            servers     TEXT NOT NULL DEFAULT '[]'
+                        CHECK (json_valid(servers) AND json_type(servers) = 'array'),
+            description TEXT NOT NULL DEFAULT '',{_REPLICATION_COLUMNS}
+        )
+        """,
+        f"""
+        CREATE TABLE server_weights (
+            server_id TEXT PRIMARY KEY NOT NULL CHECK (length(server_id) BETWEEN 1 AND 64),
+            weight    REAL NOT NULL DEFAULT 1 CHECK (weight > 0),{_REPLICATION_COLUMNS}
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -301,6 +374,8 @@ class Domain:
     name: str
     created: float
     updated: float
+    #: The pool its encoders prefer (those without a pool of their own), or None.
+    pool: str | None = None
 
 
 @attrs.frozen
@@ -323,6 +398,17 @@ class Encoder:
     secret_hash: str = attrs.field(repr=False)
     created: float
     updated: float
+    #: Its own pool (the name, possibly of a pool deleted meanwhile), or None.
+    pool: str | None = None
+
+
+@attrs.frozen
+class Pool:
+    """A server pool: the servers that encoders using it prefer (requirement R9)."""
+
+    name: str
+    servers: tuple[str, ...]
+    description: str = ""
 
 
 @attrs.frozen
@@ -418,6 +504,68 @@ def validate_token_id(token_id: object) -> str:
     return token_id
 
 
+def validate_server_id(server_id: object, field: str | None = None) -> str:
+    """Return ``server_id`` if it matches ``[A-Za-z0-9._-]{1,64}``, else raise Invalid."""
+    if not isinstance(server_id, str) or not SERVER_ID_PATTERN.fullmatch(server_id):
+        raise Invalid(
+            f"server id {server_id!r} is invalid: use 1 to 64 characters "
+            "from A-Z, a-z, 0-9, '.', '_' and '-'",
+            field=field,
+        )
+    return server_id
+
+
+def validate_pool_name(name: object) -> str:
+    """Return ``name`` if it is a valid pool name (the rule of :func:`validate_name`)."""
+    try:
+        return validate_name("pool name", name)
+    except Invalid as e:
+        raise Invalid(str(e), field="name") from None
+
+
+def validate_pool_servers(servers: object) -> tuple[str, ...]:
+    """Return the server ids of a pool, in order, if they are acceptable, else raise Invalid.
+
+    Acceptable: a list (or tuple) of 1 to MAX_POOL_SERVERS distinct server ids.
+    """
+    if not isinstance(servers, list | tuple):
+        raise Invalid(f"servers must be a list of server ids, not {type(servers).__name__}",
+                      field="servers")
+    if not 1 <= len(servers) <= MAX_POOL_SERVERS:
+        raise Invalid(f"a pool has 1 to {MAX_POOL_SERVERS} servers, not {len(servers)}",
+                      field="servers")
+    seen: set[str] = set()
+    for server_id in servers:
+        validate_server_id(server_id, "servers")
+        if server_id in seen:
+            raise Invalid(f"server id {server_id!r} is listed twice", field="servers")
+        seen.add(server_id)
+    return tuple(servers)
+
+
+def validate_description(description: object) -> str:
+    """Return an acceptable pool description (0..256 printable characters), else raise Invalid."""
+    if not isinstance(description, str):
+        raise Invalid(f"description must be text, not {type(description).__name__}",
+                      field="description")
+    if len(description) > MAX_DESCRIPTION_CHARS:
+        raise Invalid(f"description must be at most {MAX_DESCRIPTION_CHARS} characters long, "
+                      f"not {len(description)}", field="description")
+    if not description.isprintable():
+        raise Invalid("description contains control or other non-printable characters",
+                      field="description")
+    return description
+
+
+def validate_weight(weight: object) -> float:
+    """Return a capacity weight (a number, 0 < weight <= MAX_WEIGHT) as a float, else Invalid."""
+    if (isinstance(weight, bool) or not isinstance(weight, int | float)
+            or not 0 < weight <= MAX_WEIGHT):  # (NaN compares false; no float(huge int))
+        raise Invalid(f"weight must be a number greater than 0 and at most {MAX_WEIGHT:g}, "
+                      f"not {weight!r}", field="weight")
+    return float(weight)
+
+
 def hash_secret(secret: str) -> str:
     """The stored form of an encoder secret."""
     return _SECRET_SCHEME + hashlib.sha256(secret.encode("ascii")).hexdigest()
@@ -449,6 +597,7 @@ _MAX_WALL_MS = 10**13  # Stamp.encode() pads to 13 digits: text order = stamp or
 _MAX_NODE_CHARS = 64
 _MAX_HASH_CHARS = 1024
 _ZERO_TEXT = ZERO.encode()
+_MAX_TIME = 1e300
 
 
 def _check_text(value: object, *, max_chars: int = MAX_FIELD_CHARS, empty: bool = True) -> str:
@@ -472,7 +621,8 @@ def _check_hash(value: object) -> str:
 
 
 def _check_time(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not -_MAX_TIME < value < _MAX_TIME):  # also NaN, infinities, huge integers
         raise Invalid(f"must be a finite number, not {value!r}")
     return float(value)
 
@@ -505,6 +655,18 @@ def _check_domain_ref(value: object) -> str:
 
 def _check_encoder_name(value: object) -> str:
     return validate_name("encoder name", value)
+
+
+def _check_pool_ref(value: object) -> str | None:
+    return None if value is None else validate_name("pool name", value)
+
+
+def _pool_servers_text(servers: Iterable[str]) -> str:
+    return json.dumps(list(servers), separators=(",", ":"))
+
+
+def _check_pool_servers(value: object) -> str:
+    return _pool_servers_text(validate_pool_servers(value))
 
 
 def _check_audit_id(value: object) -> str:
@@ -553,9 +715,11 @@ def _uid_field(table: str) -> _Field:
 _TIME = _Field(_check_time, _constant(0.0), float)
 _TEXT = _Field(_check_text, _constant(""))
 
+_POOL_REF = _Field(_check_pool_ref, _constant(None))
+
 DOMAINS = _Table(
     "domains", "name", lambda k: validate_name("domain name", k),
-    {"uid": _uid_field("domains"), "created": _TIME, "updated": _TIME},
+    {"uid": _uid_field("domains"), "created": _TIME, "updated": _TIME, "pool": _POOL_REF},
 )
 ACCOUNTS = _Table(
     "accounts", "name", lambda k: validate_name("account name", k),
@@ -577,6 +741,7 @@ ENCODERS = _Table(
         "secret_hash": _Field(_check_hash, _constant("")),
         "created": _TIME,
         "updated": _TIME,
+        "pool": _POOL_REF,
     },
 )
 AUDIT_LOG = _Table(
@@ -596,9 +761,21 @@ JOIN_TOKENS = _Table(
         "used": _Field(_check_used, _constant(0), bool),
     },
 )
+POOLS = _Table(
+    "pools", "name", lambda k: validate_name("pool name", k),
+    {
+        "servers": _Field(_check_pool_servers, _constant("[]"), json.loads),
+        "description": _Field(validate_description, _constant("")),
+    },
+)
+SERVER_WEIGHTS = _Table(
+    "server_weights", "server_id", validate_server_id,
+    {"weight": _Field(validate_weight, _constant(DEFAULT_WEIGHT), float)},
+)
 #: Every replicated table, domains first (records refer to domains by name).
 TABLES: Mapping[str, _Table] = {
-    t.name: t for t in (DOMAINS, ACCOUNTS, ENCODERS, AUDIT_LOG, SETTINGS, JOIN_TOKENS)
+    t.name: t for t in (DOMAINS, ACCOUNTS, ENCODERS, AUDIT_LOG, SETTINGS, JOIN_TOKENS, POOLS,
+                        SERVER_WEIGHTS)
 }
 _REFERS_TO_DOMAIN = frozenset({"accounts", "encoders"})
 #: SQL: the domain row ``d`` is visible (live, or holding a live account or encoder).
@@ -674,7 +851,8 @@ Subscriber = Callable[[Update], object]
 
 
 class Store:
-    """Domains, accounts, encoders, audit log, settings and join tokens in one SQLite file.
+    """Domains, accounts, encoders, pools, server weights, audit log, settings and join
+    tokens in one SQLite file.
 
     ``path`` is the database file (normally ``data_dir / DB_FILENAME``); it is
     created, mode 0600, if missing.  ``clock`` gives the timestamps (seconds);
@@ -1151,18 +1329,25 @@ class Store:
         if not isinstance(name, str) or not self._domain_visible(conn, name):
             raise NotFound(f"no domain named {name!r}")
 
-    def add_domain(self, name: str) -> Domain:
+    def add_domain(self, name: str, pool: str | None = None) -> Domain:
+        """Create a domain, optionally with a pool its encoders prefer (NotFound if none such)."""
         validate_name("domain name", name)
+        checked_pool = self._check_pool_arg(pool)
         with self._write() as conn:
             if self._domain_visible(conn, name):
                 raise AlreadyExists(f"domain {name!r} exists already")
+            self._require_pool(conn, checked_pool)
             now = self._clock()
-            domain = Domain(uid=_new_uid(), name=name, created=now, updated=now)
-            self._put(conn, DOMAINS, name, {"uid": domain.uid, "created": now, "updated": now})
+            domain = Domain(uid=_new_uid(), name=name, created=now, updated=now,
+                            pool=checked_pool)
+            self._put(conn, DOMAINS, name, {"uid": domain.uid, "created": now, "updated": now,
+                                            "pool": checked_pool})
         return domain
 
+    # A domain listed only through its accounts or encoders has no pool (see "Pools").
     _DOMAIN_SELECT = (
-        f"SELECT d.uid, d.name, d.created, d.updated FROM domains d WHERE {_DOMAIN_VISIBLE}"
+        "SELECT d.uid, d.name, d.created, d.updated, CASE WHEN d.live THEN d.pool END AS pool "
+        f"FROM domains d WHERE {_DOMAIN_VISIBLE}"
     )
 
     def get_domain(self, name: str) -> Domain | None:
@@ -1275,8 +1460,8 @@ class Store:
     # -- encoders ---------------------------------------------------------
 
     _ENCODER_SELECT = (
-        "SELECT uid, encoder_id, name, domain, secret_hash, created, updated FROM encoders "
-        "WHERE live"
+        "SELECT uid, encoder_id, name, domain, secret_hash, created, updated, pool "
+        "FROM encoders WHERE live"
     )
 
     @staticmethod
@@ -1284,15 +1469,17 @@ class Store:
         return Encoder(**dict(row))
 
     def add_encoder(
-        self, domain: str, encoder_id: str, name: str | None = None, secret: str | None = None
+        self, domain: str, encoder_id: str, name: str | None = None, secret: str | None = None,
+        *, pool: str | None = None,
     ) -> tuple[Encoder, str]:
         """Register an encoder; return it and its secret (generated if not given).
 
         Only a hash of the secret is stored: the returned secret is the one
-        chance to show it.
+        chance to show it.  ``pool``: its own pool (NotFound if no such pool).
         """
         validate_encoder_id(encoder_id)
         display_name = encoder_id if name is None else validate_name("encoder name", name)
+        checked_pool = self._check_pool_arg(pool)
         if secret is None:
             secret = generate_secret()
         else:
@@ -1306,14 +1493,17 @@ class Store:
             secret_hash=hash_secret(secret),
             created=now,
             updated=now,
+            pool=checked_pool,
         )
         with self._write() as conn:
             self._require_domain(conn, domain)
             if self._is_live(conn, ENCODERS, encoder_id):
                 raise AlreadyExists(f"encoder {encoder_id!r} exists already")
+            self._require_pool(conn, checked_pool)
             self._put(conn, ENCODERS, encoder_id, {
                 "uid": encoder.uid, "name": encoder.name, "domain": domain,
                 "secret_hash": encoder.secret_hash, "created": now, "updated": now,
+                "pool": checked_pool,
             })
         return encoder, secret
 
@@ -1419,6 +1609,169 @@ class Store:
         ).fetchall()
         return [AuditEntry(**dict(row)) for row in rows]
 
+    # -- server pools and capacity weights ---------------------------------------
+
+    @staticmethod
+    def _check_pool_arg(pool: object) -> str | None:
+        """A pool argument: None (no pool) or a valid pool name (Invalid on field "pool")."""
+        if pool is None:
+            return None
+        try:
+            return validate_name("pool name", pool)
+        except Invalid as e:
+            raise Invalid(str(e), field="pool") from None
+
+    def _require_pool(self, conn: sqlite3.Connection, name: str | None) -> None:
+        if name is not None and not self._is_live(conn, POOLS, name):
+            raise NotFound(f"no pool named {name!r}", field="pool")
+
+    _POOL_SELECT = "SELECT name, servers, description FROM pools WHERE live"
+
+    @staticmethod
+    def _pool(row: sqlite3.Row) -> Pool:
+        return Pool(row["name"], tuple(json.loads(row["servers"])), row["description"])
+
+    def create_pool(self, name: str, servers: Sequence[str], description: str = "") -> Pool:
+        """Create a pool of servers (ids, in order of preference); AlreadyExists if taken."""
+        checked_name = validate_pool_name(name)
+        checked = validate_pool_servers(servers)
+        validate_description(description)
+        with self._write() as conn:
+            if self._is_live(conn, POOLS, checked_name):
+                raise AlreadyExists(f"pool {checked_name!r} exists already", field="name")
+            self._put(conn, POOLS, checked_name, {"servers": _pool_servers_text(checked),
+                                                  "description": description})
+        return Pool(checked_name, checked, description)
+
+    def update_pool(
+        self, name: str, *, servers: Sequence[str] | None = None, description: str | None = None
+    ) -> Pool:
+        """Change a pool's servers, description or both (what is None stays as it is)."""
+        values: dict[str, Any] = {}
+        if servers is not None:
+            values["servers"] = _pool_servers_text(validate_pool_servers(servers))
+        if description is not None:
+            values["description"] = validate_description(description)
+        with self._write() as conn:
+            if not isinstance(name, str) or not self._is_live(conn, POOLS, name):
+                raise NotFound(f"no pool named {name!r}")
+            if values:
+                self._put(conn, POOLS, name, values)
+        pool = self.get_pool(name)
+        assert pool is not None
+        return pool
+
+    def pool_users(self, name: str) -> tuple[list[str], list[str]]:
+        """The ids of the live encoders and the names of the live domains that use a pool."""
+        conn = self._conn
+        encoders = [row[0] for row in conn.execute(
+            "SELECT encoder_id FROM encoders WHERE pool = ? AND live ORDER BY encoder_id",
+            (name,))]
+        domains = [row[0] for row in conn.execute(
+            "SELECT name FROM domains WHERE pool = ? AND live ORDER BY name", (name,))]
+        return encoders, domains
+
+    def delete_pool(self, name: str) -> None:
+        """Delete a pool; NotEmpty while an encoder or a domain is assigned to it."""
+        with self._write() as conn:
+            if not isinstance(name, str) or not self._is_live(conn, POOLS, name):
+                raise NotFound(f"no pool named {name!r}")
+            encoders, domains = self.pool_users(name)
+            if encoders or domains:
+                users = []
+                if encoders:
+                    users.append(f"encoder(s) {_some(encoders)}")
+                if domains:
+                    users.append(f"domain(s) {_some(domains)}")
+                raise NotEmpty(
+                    f"pool {name!r} is still assigned to {' and '.join(users)}: "
+                    "assign them another pool or none first"
+                )
+            self._put(conn, POOLS, name, None)
+
+    def get_pool(self, name: str) -> Pool | None:
+        row = self._conn.execute(self._POOL_SELECT + " AND name = ?", (name,)).fetchone()
+        return None if row is None else self._pool(row)
+
+    def list_pools(self) -> list[Pool]:
+        rows = self._conn.execute(self._POOL_SELECT + " ORDER BY name").fetchall()
+        return [self._pool(row) for row in rows]
+
+    def set_encoder_pool(self, encoder_id: str, pool: str | None) -> Encoder:
+        """Give an encoder its own pool (overriding its domain's), or none (None)."""
+        checked = self._check_pool_arg(pool)
+        with self._write() as conn:
+            if not isinstance(encoder_id, str) or not self._is_live(conn, ENCODERS, encoder_id):
+                raise NotFound(f"no encoder with id {encoder_id!r}")
+            self._require_pool(conn, checked)
+            self._put(conn, ENCODERS, encoder_id, {"pool": checked, "updated": self._clock()})
+        encoder = self.get_encoder(encoder_id)
+        assert encoder is not None
+        return encoder
+
+    def set_domain_pool(self, name: str, pool: str | None) -> Domain:
+        """Give a domain a pool for its encoders that have none of their own, or none (None).
+
+        A domain listed only through its accounts or encoders (deleted on
+        another server while in use) is created again by this.
+        """
+        checked = self._check_pool_arg(pool)
+        with self._write() as conn:
+            self._require_domain(conn, name)
+            self._require_pool(conn, checked)
+            now = self._clock()
+            if self._is_live(conn, DOMAINS, name):
+                self._put(conn, DOMAINS, name, {"pool": checked, "updated": now})
+            else:
+                self._put(conn, DOMAINS, name, {"uid": _new_uid(), "created": now,
+                                                "updated": now, "pool": checked})
+        domain = self.get_domain(name)
+        assert domain is not None
+        return domain
+
+    def set_server_weight(self, server_id: str, weight: float | None) -> None:
+        """Set a server's capacity weight for the balancer; None resets it to the default (1)."""
+        validate_server_id(server_id, "server_id")
+        with self._write() as conn:
+            if weight is None:
+                if self._is_live(conn, SERVER_WEIGHTS, server_id):
+                    self._put(conn, SERVER_WEIGHTS, server_id, None)
+            else:
+                self._put(conn, SERVER_WEIGHTS, server_id, {"weight": validate_weight(weight)})
+
+    def server_weights(self) -> dict[str, float]:
+        """``{server_id: weight}`` of the servers given one; any other server weighs 1."""
+        rows = self._conn.execute(
+            "SELECT server_id, weight FROM server_weights WHERE live ORDER BY server_id")
+        return {server_id: float(weight) for server_id, weight in rows}
+
+    def encoder_pools(self) -> dict[str, frozenset[str]]:
+        """``{encoder_id: servers}`` for every encoder: the servers of its own pool, else
+        of its domain's pool, else an empty set (no preference: any server).
+
+        A pool that is not live (a dangling reference) counts as none.
+        """
+        rows = self._conn.execute(
+            "SELECT e.encoder_id, own.servers, inherited.servers FROM encoders e "
+            "LEFT JOIN pools own ON own.name = e.pool AND own.live "
+            "LEFT JOIN domains d ON d.name = e.domain AND d.live "
+            "LEFT JOIN pools inherited ON inherited.name = d.pool AND inherited.live "
+            "WHERE e.live"
+        )
+        empty: frozenset[str] = frozenset()
+        out: dict[str, frozenset[str]] = {}
+        parsed: dict[str, frozenset[str]] = {}
+        for encoder_id, own, inherited in rows:
+            text = own if own is not None else inherited
+            if text is None:
+                out[encoder_id] = empty
+            else:
+                servers = parsed.get(text)
+                if servers is None:
+                    servers = parsed[text] = frozenset(json.loads(text))
+                out[encoder_id] = servers
+        return out
+
     # -- cluster settings ----------------------------------------------------
 
     def get_setting(self, key: str, default: Any = None) -> Any:
@@ -1495,6 +1848,12 @@ class Store:
             if not self._is_live(conn, JOIN_TOKENS, token_id):
                 raise NotFound(f"no join token {token_id!r}")
             self._put(conn, JOIN_TOKENS, token_id, None)
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """``'a', 'b', 'c'`` and, beyond ``shown`` names, how many more."""
+    text = ", ".join(repr(n) for n in names[:shown])
+    return text if len(names) <= shown else f"{text} and {len(names) - shown} more"
 
 
 def server_clock(server_id: str, wall: Callable[[], float] = time.time) -> HybridClock:

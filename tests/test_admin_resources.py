@@ -49,6 +49,7 @@ from evserver.state.directory import Location
 from evserver.state.hlc import Stamp
 from evserver.state.membership import PeerState, PeerView
 from evserver.state.relay import Limits, RelayCore
+from evserver.state.replica import Update
 from evserver.store import Store
 from evserver.wire import peer as p
 from evserver.wire.messages import EncoderState
@@ -318,10 +319,13 @@ class World:
 
     def snapshot(self) -> tuple[Any, ...]:
         return (
-            [(d.name, d.uid) for d in self.store.list_domains()],
+            [(d.name, d.uid, d.pool) for d in self.store.list_domains()],
             [(a.name, a.domain, a.role, a.password_hash) for a in self.store.list_accounts()],
-            [(e.encoder_id, e.name, e.domain, e.secret_hash) for e in self.store.list_encoders()],
+            [(e.encoder_id, e.name, e.domain, e.secret_hash, e.pool)
+             for e in self.store.list_encoders()],
             [e.id for e in self.store.list_audit(1000)],
+            self.store.list_pools(),
+            self.store.server_weights(),
         )
 
 
@@ -354,7 +358,8 @@ def client(world: World) -> Client:
 
 # -- every route needs a session and (to change anything) its CSRF token --------------
 
-SAMPLES = {"servers": "srv-1", "domains": "ops", "accounts": "root", "encoders": "cam-1"}
+SAMPLES = {"servers": "srv-1", "domains": "ops", "accounts": "root", "encoders": "cam-1",
+           "pools": "east"}
 
 
 def route_paths(site: AdminSite, public: bool = False) -> list[tuple[str, str]]:
@@ -379,7 +384,15 @@ def test_route_table_covers_the_pages_and_the_api(world: World) -> None:
                      ("GET", "/msr"), ("POST", "/msr/enable"), ("POST", "/msr/tokens"),
                      ("POST", "/msr/servers/srv-1/remove"), ("GET", "/api/servers/srv-1"),
                      ("DELETE", "/api/servers/srv-1"), ("GET", "/api/msr"),
-                     ("POST", "/api/msr/enable"), ("POST", "/api/msr/tokens")]:
+                     ("POST", "/api/msr/enable"), ("POST", "/api/msr/tokens"),
+                     ("GET", "/pools"), ("POST", "/pools"), ("GET", "/pools/east"),
+                     ("POST", "/pools/east"), ("POST", "/pools/east/delete"),
+                     ("POST", "/encoders/cam-1/pool"), ("POST", "/domains/ops/pool"),
+                     ("POST", "/servers/srv-1/weight"), ("GET", "/api/pools"),
+                     ("POST", "/api/pools"), ("GET", "/api/pools/east"),
+                     ("PUT", "/api/pools/east"), ("POST", "/api/pools/east"),
+                     ("DELETE", "/api/pools/east"), ("PATCH", "/api/domains/ops"),
+                     ("PATCH", "/api/servers/srv-1")]:
         assert expected in paths
     assert sorted(route_paths(world.admin, public=True)) == [
         ("GET", "/favicon.ico"), ("GET", "/login"), ("GET", "/static/x"), ("POST", "/api/login"),
@@ -392,6 +405,8 @@ def test_every_page_and_api_call_refuses_without_a_session(world: World, cookie:
     c = world.client()
     if cookie is not None:
         c.cookies[SESSION_COOKIE] = cookie
+    world.store.create_pool("east", ["srv-1"])
+    world.store.add_encoder("ops", "cam-1")
     before = world.snapshot()
     for method, path in route_paths(world.admin):
         if path.startswith("/api/"):
@@ -433,11 +448,24 @@ def test_login_never_redirects_off_site(world: World, evil: str) -> None:
     assert reply.status == 303 and reply.location == "/"
 
 
+#: Bodies that the routes would accept (with the token): {"name": "x"} for the others.
+VALID_BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("POST", "/api/pools"): {"name": "x", "servers": ["srv-1"]},
+    ("PUT", "/api/pools/east"): {"description": "changed"},
+    ("POST", "/api/pools/east"): {"description": "changed"},
+    ("PATCH", "/api/domains/ops"): {"pool": "west"},
+    ("PATCH", "/api/encoders/cam-1"): {"pool": "west"},
+    ("PATCH", "/api/servers/srv-1"): {"weight": 3},
+}
+
+
 @pytest.mark.parametrize("token", [None, "", "wrong-token"])
 def test_every_change_refuses_without_its_csrf_token(world: World, token: str | None) -> None:
     c = world.logged_in()
     world.store.add_encoder("ops", "cam-1")
     world.store.add_account("ops", "viewer1", "pw", "viewer")
+    world.store.create_pool("east", ["srv-1"])
+    world.store.create_pool("west", ["srv-1"])
     good = c.csrf
     before = world.snapshot()
     for method, path in route_paths(world.admin):
@@ -445,11 +473,14 @@ def test_every_change_refuses_without_its_csrf_token(world: World, token: str | 
             continue
         c.csrf = token
         if path.startswith("/api/"):
-            reply = c.api(method, path, {"name": "x"}, csrf=token is not None)
+            body = VALID_BODIES.get((method, path), {"name": "x"})
+            reply = c.api(method, path, body, csrf=token is not None)
             assert reply.status == 403, (method, path, reply)
             assert "CSRF" in reply.json()["error"]
         else:
-            reply = c.post_form(path, {"name": "x", "password": "p", "role": "viewer"},
+            reply = c.post_form(path, {"name": "x", "password": "p", "role": "viewer",
+                                       "pool": "west", "servers": "srv-1",
+                                       "description": "changed", "weight": "3"},
                                 csrf=token is not None)
             assert reply.status == 403, (method, path)
             assert "CSRF token" in reply.text
@@ -1448,7 +1479,8 @@ def test_the_servers_of_the_cluster_with_state_load_and_warnings(world: World,
         "server_id": "srv-2", "this": False, "state": "alive", "address": "192.0.2.20",
         "peer_address": "192.0.2.20:47100", "admin_url": "https://192.0.2.20:9443/",
         "load": {"encoders": 4, "streaming": 2, "viewers": 9}, "rtt_ms": 12.3,
-        "offset_ms": -3.2, "connected": True, "warnings": [], "removable": True}
+        "offset_ms": -3.2, "connected": True, "warnings": [], "removable": True,
+        "weight": 1.0}
     assert rows["srv-3"]["state"] == "suspect"
     assert rows["srv-3"]["admin_url"] == "https://edge3.example:9444/"
     assert rows["srv-3"]["warnings"] == ["RTT 140 ms exceeds 100 ms.",
@@ -1639,3 +1671,455 @@ def test_openapi_schemas_name_the_fields_the_cluster_api_sends(world: World,
     assert set(token) == {"token", "token_id", "expires", "command"}
     assert set(client.api("GET", "/api/server").json()["cluster"]) == set(
         schemas["Server"]["properties"]["cluster"]["properties"])
+
+
+# -- server pools and capacity weights ------------------------------------------------
+
+
+def pool_actions(world: World) -> list[tuple[str, str, str]]:
+    return [(e.action, e.target, e.detail) for e in world.store.list_audit(1000)
+            if e.action.startswith(("pool.", "server.")) or e.action.endswith(".pool")]
+
+
+def test_the_csrf_test_bodies_are_accepted_with_the_token(world: World, client: Client) -> None:
+    world.store.add_encoder("ops", "cam-1")
+    world.store.create_pool("east", ["srv-1"])
+    world.store.create_pool("west", ["srv-1"])
+    for (method, path), body in VALID_BODIES.items():
+        reply = client.api(method, path, body)
+        assert reply.status in (200, 201), (method, path, reply)
+    assert world.store.get_pool("x") is not None
+    assert world.store.get_pool("east").description == "changed"  # type: ignore[union-attr]
+    assert world.store.get_domain("ops").pool == "west"  # type: ignore[union-attr]
+    assert world.store.get_encoder("cam-1").pool == "west"  # type: ignore[union-attr]
+    assert world.store.server_weights() == {"srv-1": 3.0}
+
+
+def test_pools_through_the_pages(world: World, client: Client) -> None:
+    assert "No pools yet." in client.get("/pools").text
+    # Refusals appear next to their fields and keep the input.
+    reply = client.post_form("/pools", {"name": " east", "servers": "srv-1, srv-9",
+                                        "description": "a\u0007b"})
+    assert reply.status == 400
+    for field, message in (("name", "leading or trailing spaces"),
+                           ("servers", "'srv-9' is not a server of this cluster "
+                                       "(its servers: srv-1)"),
+                           ("description", "non-printable")):
+        block = reply.text.split(f'id="f-{field}"')[1].split('class="field')[0]
+        assert f'id="{field}-error"' in block and message in unescape(block), field
+    assert 'value="srv-1, srv-9"' in reply.text
+    reply = client.post_form("/pools", {"name": "east", "servers": "", "description": ""})
+    assert reply.status == 400 and "1 to 64 servers, not 0" in reply.text
+    assert world.store.list_pools() == []
+    # Created, listed, shown.
+    reply = client.post_form("/pools", {"name": "east", "servers": "srv-1,",
+                                        "description": "East site"})
+    assert reply.status == 303 and reply.location == "/pools/east"
+    page = client.get("/pools/east").text
+    assert "Pool 'east' created." in unescape(page)
+    assert '<a href="/servers/srv-1">srv-1</a>' in page and "East site" in page
+    assert client.post_form("/pools", {"name": "east", "servers": "srv-1"}).status == 409
+    table = client.get("/pools").text.split("<table>")[1].split("</table>")[0]
+    assert '<a href="/pools/east">east</a>' in table and "East site" in table
+    # Changed.
+    reply = client.post_form("/pools/east", {"servers": "srv-7", "description": "x"})
+    assert reply.status == 400 and 'id="servers-error"' in reply.text
+    assert 'value="srv-7"' in reply.text  # the input is kept
+    reply = client.post_form("/pools/east", {"servers": "srv-1", "description": "New"})
+    assert reply.status == 303
+    assert world.store.get_pool("east").description == "New"  # type: ignore[union-attr]
+    # In use: not deleted, said at the form; then deleted.
+    world.store.add_encoder("ops", "cam-1", pool="east")
+    reply = client.post_form("/pools/east/delete")
+    assert reply.status == 409
+    assert "still assigned to encoder(s) 'cam-1'" in unescape(reply.text)
+    assert '<a href="/encoders/cam-1">cam-1</a>' in client.get("/pools/east").text
+    world.store.set_encoder_pool("cam-1", None)
+    assert client.post_form("/pools/east/delete").status == 303
+    assert world.store.list_pools() == []
+    assert client.get("/pools/east").status == 404
+    assert client.post_form("/pools/east").status == 404
+    assert client.post_form("/pools/east/delete").status == 404
+    assert pool_actions(world) == [
+        ("pool.delete", "east", "servers srv-1"),
+        ("pool.update", "east", "description 'East site' -> 'New'"),
+        ("pool.create", "east", "servers srv-1"),
+    ]
+
+
+def test_a_pool_may_keep_a_server_that_left_the_cluster(world: World, client: Client) -> None:
+    world.store.create_pool("old", ["srv-1", "srv-gone"])
+    page = client.get("/pools/old").text
+    assert "srv-gone" in page and "not a server of this cluster" in page
+    reply = client.post_form("/pools/old", {"servers": "srv-gone, srv-1", "description": ""})
+    assert reply.status == 303
+    assert world.store.get_pool("old").servers == ("srv-gone", "srv-1")  # type: ignore[union-attr]
+    reply = client.api("PUT", "/api/pools/old", {"servers": ["srv-1", "srv-new"]})
+    assert reply.status == 400 and reply.json()["field"] == "servers"
+
+
+def test_the_pool_selectors_of_encoders_and_domains(world: World, client: Client) -> None:
+    world.store.create_pool("east", ["srv-1"])
+    world.store.create_pool("west", ["srv-2", "srv-1"])
+    world.store.add_encoder("ops", "cam-1")
+    page = client.get("/encoders/cam-1").text
+    form = page.split('action="/encoders/cam-1/pool"')[1].split("</form>")[0]
+    assert f'name="csrf" value="{client.csrf}"' in form
+    assert '<option value="" selected="selected">— none —</option>' in form
+    assert '<option value="west">west (srv-2, srv-1)</option>' in form
+    assert client.post_form("/encoders/cam-1/pool", {"pool": "west"}).status == 303
+    assert world.store.get_encoder("cam-1").pool == "west"  # type: ignore[union-attr]
+    page = client.get("/encoders/cam-1").text
+    assert "Encoder 'cam-1' now uses pool 'west'." in unescape(page)
+    assert '<option value="west" selected="selected">' in page
+    assert '<a href="/pools/west">west</a>' in page
+    reply = client.post_form("/encoders/cam-1/pool", {"pool": "nope"})
+    assert reply.status == 400
+    block = reply.text.split('action="/encoders/cam-1/pool"')[1].split("</form>")[0]
+    assert 'id="pool-error"' in block and "no pool named 'nope'" in unescape(block)
+    assert client.post_form("/encoders/cam-9/pool", {"pool": "west"}).status == 404
+    assert client.post_form("/encoders/cam-1/pool", {"pool": ""}).status == 303
+    assert world.store.get_encoder("cam-1").pool is None  # type: ignore[union-attr]
+    # Domains.
+    page = client.get("/domains/ops").text
+    assert 'action="/domains/ops/pool"' in page
+    assert client.post_form("/domains/ops/pool", {"pool": "east"}).status == 303
+    assert world.store.get_domain("ops").pool == "east"  # type: ignore[union-attr]
+    assert world.store.encoder_pools() == {"cam-1": frozenset({"srv-1"})}
+    reply = client.post_form("/domains/ops/pool", {"pool": "nope"})
+    assert reply.status == 400 and 'id="pool-error"' in reply.text
+    reply = client.post_form("/domains/ops/delete")  # its own error, at its own form
+    block = reply.text.split('action="/domains/ops/delete"')[1].split("</form>")[0]
+    assert reply.status == 409 and "delete them first" in block
+    assert 'id="pool-error"' not in reply.text
+    assert client.post_form("/domains/nowhere/pool", {"pool": "east"}).status == 404
+    assert '<a href="/pools/east">east</a>' in client.get("/domains").text
+    # Unchanged choices are not audited.
+    assert client.post_form("/domains/ops/pool", {"pool": "east"}).status == 303
+    assert pool_actions(world) == [("domain.pool", "ops", "none -> 'east'"),
+                                   ("encoder.pool", "cam-1", "'west' -> none"),
+                                   ("encoder.pool", "cam-1", "none -> 'west'")]
+
+
+def test_a_pool_deleted_elsewhere_is_shown_as_no_pool(world: World, client: Client) -> None:
+    world.store.create_pool("east", ["srv-1"])
+    world.store.add_encoder("ops", "cam-1", pool="east")
+    world.store.apply_updates([Update("pools", "east", {}, Stamp(9_000_000_000_000, 0, "x"))])
+    page = client.get("/encoders/cam-1").text
+    assert "east (no such pool: counts as none)" in unescape(page)
+    assert '<option value="east" selected="selected">east (no such pool)</option>' in page
+    row = client.api("GET", "/api/encoders/cam-1").json()["encoder"]
+    assert row["pool"] == "east"
+    assert client.post_form("/encoders/cam-1/pool", {"pool": ""}).status == 303
+
+
+def test_server_weights_on_the_server_pages(world: World, client: Client) -> None:
+    page = client.get("/servers/srv-1").text
+    form = page.split('action="/servers/srv-1/weight"')[1].split("</form>")[0]
+    assert 'name="weight" id="f-weight" value="1"' in form
+    assert f'name="csrf" value="{client.csrf}"' in form
+    reply = client.post_form("/servers/srv-1/weight", {"weight": "2.5"})
+    assert reply.status == 303 and reply.location == "/servers/srv-1"
+    assert world.store.server_weights() == {"srv-1": 2.5}
+    assert 'value="2.5"' in client.get("/servers/srv-1").text
+    for bad, message in (("0", "greater than 0"), ("abc", "must be a number"),
+                         ("1e9", "at most 1000"), ("nan", "nan"), ("-1", "greater than 0")):
+        reply = client.post_form("/servers/srv-1/weight", {"weight": bad})
+        assert reply.status == 400, bad
+        assert 'id="weight-error"' in reply.text and message in unescape(reply.text), bad
+        assert f'value="{bad}"' in reply.text
+    assert world.store.server_weights() == {"srv-1": 2.5}
+    # Another server of the cluster, and one the cluster does not have.
+    cluster = enabled_world(world, client)
+    cluster.add("srv-2", PeerState.ALIVE, "192.0.2.20")
+    assert client.post_form("/servers/srv-2/weight", {"weight": "4"}).status == 303
+    page = client.get("/servers/srv-2").text
+    assert 'action="/servers/srv-2/weight"' in page and 'value="4"' in page
+    assert client.post_form("/servers/srv-9/weight", {"weight": "4"}).status == 404
+    rows = {r["server_id"]: r for r in client.api("GET", "/api/servers").json()["servers"]}
+    assert (rows["srv-1"]["weight"], rows["srv-2"]["weight"]) == (2.5, 4.0)
+    table = client.get("/msr").text.split('data-live-list="servers"')[1].split("</table>")[0]
+    assert 'data-key="weight"' in table
+    assert '<td class="num">2.5</td>' in table and '<td class="num">4</td>' in table
+    # Empty: back to the default.
+    assert client.post_form("/servers/srv-1/weight", {"weight": ""}).status == 303
+    assert world.store.server_weights() == {"srv-2": 4.0}
+    assert pool_actions(world) == [("server.weight", "srv-1", "2.5 -> 1 (the default)"),
+                                   ("server.weight", "srv-2", "1 -> 4"),
+                                   ("server.weight", "srv-1", "1 -> 2.5")]
+
+
+def test_pools_through_the_api(world: World, client: Client) -> None:
+    reply = client.api("POST", "/api/pools", {"name": "east", "servers": ["srv-1"],
+                                              "description": "East"})
+    assert reply.status == 201
+    assert reply.json() == {"pool": {"name": "east", "servers": ["srv-1"], "description": "East",
+                                     "encoders": [], "domains": []}}
+    reply = client.api("POST", "/api/pools", {"name": "east", "servers": ["srv-1"]})
+    assert reply.status == 409 and reply.json()["field"] == "name"
+    reply = client.api("POST", "/api/pools", {"name": "", "servers": "srv-1"})
+    assert reply.status == 400
+    assert set(reply.json()["fields"]) == {"name", "servers"}
+    assert client.api("POST", "/api/pools", {"name": "x"}).json()["field"] == "servers"
+    # Encoders and domains take a pool when created or changed.
+    reply = client.api("POST", "/api/encoders", {"encoder_id": "cam-1", "domain": "ops",
+                                                 "pool": "east"})
+    assert reply.status == 201 and reply.json()["encoder"]["pool"] == "east"
+    reply = client.api("POST", "/api/domains", {"name": "west", "pool": "nope"})
+    assert reply.status == 400 and reply.json()["field"] == "pool"
+    assert world.store.get_domain("west") is None
+    reply = client.api("POST", "/api/domains", {"name": "west", "pool": "east"})
+    assert reply.status == 201 and reply.json()["domain"]["pool"] == "east"
+    assert client.api("GET", "/api/pools/east").json()["pool"]["encoders"] == ["cam-1"]
+    assert client.api("GET", "/api/pools").json()["pools"][0]["domains"] == ["west"]
+    reply = client.api("PATCH", "/api/encoders/cam-1", {"name": "Gate", "pool": None})
+    assert reply.status == 200
+    assert (reply.json()["encoder"]["name"], reply.json()["encoder"]["pool"]) == ("Gate", None)
+    reply = client.api("PATCH", "/api/encoders/cam-1", {"name": "Other", "pool": "nope"})
+    assert reply.status == 400 and reply.json()["field"] == "pool"
+    assert world.store.get_encoder("cam-1").name == "Gate"  # type: ignore[union-attr]
+    assert client.api("PATCH", "/api/encoders/cam-1", {}).status == 400
+    assert client.api("PATCH", "/api/encoders/cam-9", {"pool": None}).status == 404
+    reply = client.api("PATCH", "/api/domains/west", {"pool": None})
+    assert reply.status == 200 and reply.json()["domain"]["pool"] is None
+    assert client.api("PATCH", "/api/domains/nowhere", {"pool": None}).status == 404
+    assert client.api("PATCH", "/api/domains/west", {}).json()["field"] == "pool"
+    # Changes: PUT and POST alike; what is left out stays.
+    reply = client.api("PUT", "/api/pools/east", {"servers": ["srv-1"], "description": ""})
+    assert reply.status == 200 and reply.json()["pool"]["description"] == ""
+    reply = client.api("POST", "/api/pools/east", {"description": "again"})
+    assert reply.json()["pool"] == {"name": "east", "servers": ["srv-1"],
+                                    "description": "again", "encoders": [], "domains": []}
+    for body, field in (({}, None), ({"servers": None}, "servers"),
+                        ({"description": None}, "description"), ({"colour": 1}, "colour"),
+                        ({"servers": []}, "servers"), ({"description": 5}, "description")):
+        reply = client.api("PUT", "/api/pools/east", body)
+        assert reply.status == 400 and reply.json().get("field") == field, body
+    assert client.api("PUT", "/api/pools/nope", {"description": "x"}).status == 404
+    assert client.api("GET", "/api/pools/nope").status == 404
+    # Deleting: refused while assigned (409), then done.
+    client.api("PATCH", "/api/encoders/cam-1", {"pool": "east"})
+    reply = client.api("DELETE", "/api/pools/east")
+    assert reply.status == 409 and "still assigned to encoder(s) 'cam-1'" in reply.json()["error"]
+    client.api("PATCH", "/api/encoders/cam-1", {"pool": None})
+    assert client.api("DELETE", "/api/pools/east").json() == {"deleted": "east"}
+    assert client.api("DELETE", "/api/pools/east").status == 404
+    assert client.api("GET", "/api/pools").json() == {"pools": []}
+    # Weights.
+    reply = client.api("PATCH", "/api/servers/srv-1", {"weight": 3})
+    assert reply.status == 200 and reply.json()["server"]["weight"] == 3.0
+    assert client.api("PATCH", "/api/servers/srv-1", {"weight": 0}).json()["field"] == "weight"
+    assert client.api("PATCH", "/api/servers/srv-1", {}).json()["field"] == "weight"
+    assert client.api("PATCH", "/api/servers/srv-9", {"weight": 2}).status == 404
+    assert client.api("PATCH", "/api/servers/srv-1", {"weight": None}).json()["server"][
+        "weight"] == 1.0
+    assert [a for a, _t, _d in pool_actions(world)] == [
+        "server.weight", "server.weight", "pool.delete", "encoder.pool", "encoder.pool",
+        "pool.update", "pool.update", "domain.pool", "encoder.pool", "pool.create"]
+    created = [e for e in world.store.list_audit(1000) if e.action.endswith(".create")]
+    assert [(e.action, e.target, e.detail) for e in created[:2]] == [
+        ("domain.create", "west", "pool 'east'"),
+        ("encoder.create", "cam-1", "domain 'ops', name 'cam-1', pool 'east'")]
+
+
+@pytest.mark.parametrize("nasty", NASTY)
+def test_pool_pages_escape_names_and_descriptions(world: World, client: Client,
+                                                  nasty: str) -> None:
+    assert client.api("POST", "/api/pools", {"name": nasty, "servers": ["srv-1"],
+                                             "description": nasty}).status == 201
+    assert client.api("POST", "/api/domains", {"name": nasty, "pool": nasty}).status == 201
+    assert client.api("POST", "/api/encoders", {"encoder_id": "cam-x", "domain": nasty,
+                                                "pool": nasty}).status == 201
+    for path in ("/pools", "/pools/" + quote(nasty, safe=""), "/domains",
+                 "/domains/" + quote(nasty, safe=""), "/encoders", "/encoders/cam-x",
+                 "/audit"):
+        reply = client.get(path)
+        assert reply.status == 200, path
+        assert_inert(reply.text, nasty)
+    reply = client.post_form("/pools", {"name": nasty, "servers": "srv-1",
+                                        "description": nasty})
+    assert reply.status == 409
+    assert_inert(reply.text, nasty)
+    reply = client.post_form("/pools/" + quote(nasty, safe="") + "/delete")
+    assert reply.status == 409
+    assert_inert(reply.text, nasty)
+    assert client.api("GET", "/api/pools").json()["pools"][0]["description"] == nasty
+
+
+# -- Hypothesis: the pool API's every input lands exactly or is refused ---------------------
+
+#: A field of an acceptable body replaced by an arbitrary value (or by a close miss), or
+#: nothing replaced: so that about as many changes land as are refused.
+corruptions = st.one_of(
+    st.none(),
+    st.tuples(st.sampled_from(["name", "servers", "description", "other"]), json_values),
+    st.tuples(st.just("servers"), st.lists(st.sampled_from(
+        ["srv-1", "srv-2", "srv-9", "srv-gone", "bad id"]), max_size=4)),
+    st.tuples(st.just("description"), st.integers(250, 260).map(lambda n: "é" * n)),
+)
+#: The pool tests' settings: their bodies take a moment to generate on a busy machine.
+POOL_HYPOTHESIS = settings(HYPOTHESIS, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+good_server_lists = st.lists(st.sampled_from(["srv-1", "srv-2", "srv-3"]), min_size=1,
+                             max_size=3, unique=True)
+good_descriptions = st.text(st.characters(categories=("L", "N", "P", "S", "Zs")), max_size=40)
+
+
+def corrupted(body: dict[str, Any], corruption: tuple[str, Any] | None) -> dict[str, Any]:
+    if corruption is None:
+        return body
+    field, value = corruption
+    return {**body, field: value}
+
+
+def cluster_servers(world: World) -> None:
+    if world.host.cluster is None:
+        world.host.check_cluster()  # no cluster identity: stays standalone
+    if world.host.cluster is None:
+        from evserver.cluster.provision import enable
+
+        enable(world.tmp, ["127.0.0.1"], lambda: T0)
+        world.host.check_cluster()
+        assert world.host.cluster is not None
+        world.host.cluster.add("srv-2", PeerState.ALIVE)
+        world.host.cluster.add("srv-3", PeerState.DEAD)
+
+
+def _good_servers(value: Any, known: set[str]) -> bool:
+    return (isinstance(value, list) and 1 <= len(value) <= 64 and len(set(map(repr, value)))
+            == len(value) and all(isinstance(v, str) and v in known for v in value))
+
+
+def _good_description(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= 256 and value.isprintable()
+
+
+@POOL_HYPOTHESIS
+@given(name=good_names, servers=good_server_lists,
+       description=st.one_of(st.none(), good_descriptions), corruption=corruptions)
+def test_api_pools_validate_every_field(world: World, client: Client, name: Any,
+                                        servers: Any, description: Any,
+                                        corruption: tuple[str, Any] | None) -> None:
+    cluster_servers(world)
+    body = {"name": name, "servers": servers}
+    if description is not None:
+        body["description"] = description
+    body = corrupted(body, corruption)
+    name, servers, description = body["name"], body["servers"], body.get("description")
+    before = world.snapshot()
+    existed = isinstance(name, str) and world.store.get_pool(name) is not None
+    reply = client.api("POST", "/api/pools", body)
+    event(f"status {reply.status}")
+    good_name = isinstance(name, str) and 1 <= len(name) <= 64 and name.isprintable() and (
+        name == name.strip())
+    good = (good_name and _good_servers(servers, {"srv-1", "srv-2", "srv-3"})
+            and (description is None or _good_description(description)))
+    good = good and "other" not in body
+    if good and not existed:
+        assert reply.status == 201, (body, reply)
+        pool = reply.json()["pool"]
+        assert pool == {"name": name, "servers": servers, "description": description or "",
+                        "encoders": [], "domains": []}
+        assert world.store.get_pool(name) is not None
+        assert world.store.list_audit(1)[0].action == "pool.create"
+    else:
+        assert reply.status == (409 if good else 400), (body, reply)
+        data = reply.json()
+        assert data["error"] and data["field"] in ("name", "servers", "description", "other")
+        assert world.snapshot() == before, body
+
+
+@POOL_HYPOTHESIS
+@given(servers=st.one_of(st.none(), good_server_lists),
+       description=st.one_of(st.none(), good_descriptions), corruption=corruptions,
+       method=st.sampled_from(["PUT", "POST"]))
+def test_api_pool_changes_land_exactly_or_not_at_all(
+    world: World, client: Client, servers: Any, description: Any,
+    corruption: tuple[str, Any] | None, method: str,
+) -> None:
+    body: dict[str, Any] = {}
+    if servers is not None:
+        body["servers"] = servers
+    if description is not None:
+        body["description"] = description
+    body = corrupted(body, corruption)
+    cluster_servers(world)
+    if world.store.get_pool("p") is None:
+        world.store.create_pool("p", ["srv-1", "srv-gone"], "start")
+    pool = world.store.get_pool("p")
+    assert pool is not None
+    before = world.snapshot()
+    reply = client.api(method, "/api/pools/p", body)
+    event(f"status {reply.status}")
+    good = (bool(body) and "other" not in body and "name" not in body
+            and ("servers" not in body or _good_servers(
+                body["servers"], {"srv-1", "srv-2", "srv-3", *pool.servers}))
+            and ("description" not in body or _good_description(body["description"])))
+    if good:
+        assert reply.status == 200, (body, reply)
+        after = world.store.get_pool("p")
+        assert after is not None
+        assert list(after.servers) == body.get("servers", list(pool.servers))
+        assert after.description == body.get("description", pool.description)
+        assert reply.json()["pool"]["servers"] == list(after.servers)
+        changed = after != pool
+        assert (world.snapshot() != before) == changed
+    else:
+        assert reply.status == 400, (body, reply)
+        assert reply.json()["error"]
+        assert world.snapshot() == before, body
+
+
+@POOL_HYPOTHESIS
+@given(pool=st.one_of(st.sampled_from(["east", "west", "nope", ""]), st.none(), json_values),
+       weight=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(),
+                        st.floats(0.001, 1000), st.integers(1, 1000), json_values))
+def test_api_pool_assignments_and_weights_are_validated(world: World, client: Client,
+                                                        pool: Any, weight: Any) -> None:
+    if world.store.get_pool("east") is None:
+        world.store.create_pool("east", ["srv-1"])
+        world.store.create_pool("west", ["srv-1"])
+        world.store.add_encoder("ops", "cam-1")
+    good_pool = pool is None or pool in ("east", "west", "")
+    for path in ("/api/encoders/cam-1", "/api/domains/ops"):
+        before = world.snapshot()
+        reply = client.api("PATCH", path, {"pool": pool})
+        event(f"pool status {reply.status}")
+        if good_pool:
+            assert reply.status == 200, (path, pool, reply)
+            key = "encoder" if "encoders" in path else "domain"
+            assert reply.json()[key]["pool"] == (pool or None)
+        else:
+            assert reply.status == 400 and reply.json()["field"] == "pool", (path, pool, reply)
+            assert world.snapshot() == before
+    before = world.snapshot()
+    reply = client.api("PATCH", "/api/servers/srv-1", {"weight": weight})
+    event(f"weight status {reply.status}")
+    good_weight = weight is None or (type(weight) in (int, float) and 0 < weight <= 1000)
+    if good_weight:
+        assert reply.status == 200, (weight, reply)
+        expected = 1.0 if weight is None else float(weight)
+        assert reply.json()["server"]["weight"] == expected
+        assert world.store.server_weights().get("srv-1", 1.0) == expected
+    else:
+        assert reply.status == 400 and reply.json()["field"] == "weight", (weight, reply)
+        assert world.snapshot() == before
+
+
+def test_openapi_schemas_name_the_fields_the_pool_api_sends(world: World,
+                                                           client: Client) -> None:
+    import yaml  # a test dependency (PyYAML)
+    schemas = yaml.safe_load(API_DOC.read_text(encoding="utf-8"))["components"]["schemas"]
+    client.api("POST", "/api/pools", {"name": "east", "servers": ["srv-1"]})
+    client.api("POST", "/api/domains", {"name": "west", "pool": "east"})
+    client.api("POST", "/api/encoders", {"encoder_id": "cam-1", "domain": "west"})
+    assert set(client.api("GET", "/api/pools").json()["pools"][0]) == set(
+        schemas["Pool"]["properties"])
+    assert set(client.api("GET", "/api/pools/east").json()["pool"]) == set(
+        schemas["Pool"]["properties"])
+    domain = client.api("GET", "/api/domains/west").json()["domain"]
+    assert set(domain) == set(schemas["Domain"]["properties"]) and domain["pool"] == "east"
+    encoder = client.api("GET", "/api/encoders/cam-1").json()["encoder"]
+    assert set(encoder) == set(schemas["Encoder"]["properties"]) and encoder["pool"] is None
+    server = client.api("PATCH", "/api/servers/srv-1", {"weight": 2}).json()["server"]
+    assert set(server) == set(schemas["ServerSummary"]["properties"])

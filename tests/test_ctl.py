@@ -83,7 +83,7 @@ def test_domain_commands(data: Path) -> None:
     assert ok(data, "domain", "add", "example") == "domain 'example' added\n"
     ok(data, "domain", "add", "other")
     listing = ok(data, "domain", "list").splitlines()
-    assert listing[0].split() == ["NAME", "ACCOUNTS", "ENCODERS", "CREATED"]
+    assert listing[0].split() == ["NAME", "ACCOUNTS", "ENCODERS", "POOL", "CREATED"]
     assert [line.split()[:3] for line in listing[1:]] == [
         ["example", "0", "0"],
         ["other", "0", "0"],
@@ -255,7 +255,7 @@ def test_encoder_list_and_delete(data: Path) -> None:
     ok(data, "encoder", "add", "--domain", "d1", "cam-a")
     ok(data, "encoder", "add", "--domain", "d2", "--name", "Back yard", "cam-b")
     lines = ok(data, "encoder", "list").splitlines()
-    assert lines[0].split() == ["ID", "NAME", "DOMAIN", "CREATED"]
+    assert lines[0].split() == ["ID", "NAME", "DOMAIN", "POOL", "CREATED"]
     assert lines[1].split()[:3] == ["cam-a", "cam-a", "d1"]
     assert lines[2].startswith("cam-b  Back yard  d2")
     records = json.loads(ok(data, "encoder", "list", "--domain", "d2", "--json"))

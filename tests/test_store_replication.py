@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from evserver import passwords
@@ -32,6 +32,7 @@ from evserver.store import (
     Encoder,
     NotEmpty,
     NotFound,
+    Pool,
     Store,
     StoreError,
     hash_secret,
@@ -84,6 +85,9 @@ def view(s: Store) -> tuple[Any, ...]:
         s.list_settings(),
         s.list_join_tokens(),
         sorted(e.id for e in s.list_audit(10_000)),
+        s.list_pools(),
+        s.server_weights(),
+        s.encoder_pools(),
     )
 
 
@@ -115,13 +119,13 @@ def test_every_write_stamps_what_it_changes_and_is_published(
     a.mark_join_token_used("tok-0001")
     entry = a.add_audit("alice", "srv", "x.y", "t", "detail")
     assert [(u.table, u.key, sorted(u.fields), u.deleted is not None) for u in feed] == [
-        ("domains", "d", ["created", "uid", "updated"], False),
+        ("domains", "d", ["created", "pool", "uid", "updated"], False),
         ("accounts", "alice",
          ["created", "domain", "password_hash", "role", "uid", "updated"], False),
         ("accounts", "alice", ["password_hash", "updated"], False),
         ("accounts", "alice", ["role", "updated"], False),
-        ("encoders", "cam", ["created", "domain", "name", "secret_hash", "uid", "updated"],
-         False),
+        ("encoders", "cam",
+         ["created", "domain", "name", "pool", "secret_hash", "uid", "updated"], False),
         ("encoders", "cam", ["name", "updated"], False),
         ("encoders", "cam", ["secret_hash", "updated"], False),
         ("encoders", "cam", [], True),
@@ -568,17 +572,29 @@ OPS = [
     "add_domain", "delete_domain", "delete_domain", "add_account", "add_account",
     "delete_account", "set_password", "set_role", "add_encoder", "add_encoder",
     "delete_encoder", "set_encoder_name", "set_encoder_secret", "set_setting", "push", "sync",
+    "create_pool", "update_pool", "delete_pool", "delete_pool", "set_encoder_pool",
+    "set_encoder_pool", "set_domain_pool", "set_weight",
 ]
-operation = st.tuples(
-    st.integers(0, 2),  # which store
-    st.sampled_from(OPS),
-    DOMAIN_NAMES,
-    ACCOUNT_NAMES,
-    ENCODER_IDS,
-    st.integers(-400, 400),  # that store's wall clock moves (also backwards)
-    st.integers(0, 2),  # partner for push / sync
-    st.booleans(),
-)
+#: Pool changes racing each other and the deletion of what they refer to.
+POOL_OPS = ["create_pool", "update_pool", "delete_pool", "delete_pool", "set_encoder_pool",
+            "set_encoder_pool", "set_domain_pool", "set_weight", "add_encoder",
+            "delete_encoder", "add_domain", "delete_domain", "push", "sync"]
+
+
+def operations_from(ops: list[str]) -> st.SearchStrategy[tuple[Any, ...]]:
+    return st.tuples(
+        st.integers(0, 2),  # which store
+        st.sampled_from(ops),
+        DOMAIN_NAMES,
+        ACCOUNT_NAMES,
+        ENCODER_IDS,
+        st.integers(-400, 400),  # that store's wall clock moves (also backwards)
+        st.integers(0, 2),  # partner for push / sync
+        st.booleans(),
+    )
+
+
+operation = operations_from(OPS)
 
 
 def seed(s: Store) -> None:
@@ -586,7 +602,9 @@ def seed(s: Store) -> None:
     for domain in ("d1", "d2"):
         s.add_domain(domain)
     s.add_account("d1", "u1", "pw")
-    s.add_encoder("d1", "e1")
+    s.create_pool("p1", ["s0", "s1"])
+    s.create_pool("p2", ["s2"])  # unused: deleting it on one side races assigning it
+    s.add_encoder("d1", "e1", pool="p1")
     s.add_encoder("d2", "e2")
 
 
@@ -615,12 +633,25 @@ def run(s: Store, op: str, domain: str, account: str, encoder: str, flag: bool, 
             s.set_encoder_secret(encoder)
         elif op == "set_setting":
             s.set_setting("k", {"n": n, "flag": flag})
+        elif op == "create_pool":
+            s.create_pool("p1" if flag else "p2", [f"s{n % 3}"], f"made {n}")
+        elif op == "update_pool":
+            s.update_pool("p1" if flag else "p2", servers=[f"s{n % 3}", f"s{(n + 1) % 3}"])
+        elif op == "delete_pool":
+            s.delete_pool("p1" if flag else "p2")
+        elif op == "set_encoder_pool":
+            s.set_encoder_pool(encoder, None if n % 3 == 0 else "p1" if flag else "p2")
+        elif op == "set_domain_pool":
+            s.set_domain_pool(domain, None if n % 3 == 0 else "p1" if flag else "p2")
+        elif op == "set_weight":
+            s.set_server_weight(f"s{n % 3}", None if n % 4 == 0 else 0.5 + n % 5)
     except (AlreadyExists, NotFound, NotEmpty):
         pass
 
 
-def expected_view(log: list[Update]) -> tuple[list[Domain], list[Account], list[Encoder]]:
-    """What the stores must list, from the replica module's merge and the visibility rule."""
+def expected_view(log: list[Update]) -> tuple[Any, ...]:
+    """What the stores must list, from the replica module's merge and the visibility rules:
+    domains, accounts, encoders, pools, server weights and each encoder's pool servers."""
     model = Replica(HybridClock("model", lambda: 0))
     model.merge_all(log)
 
@@ -635,16 +666,31 @@ def expected_view(log: list[Update]) -> tuple[list[Domain], list[Account], list[
     accounts = complete("accounts")
     encoders = complete("encoders")
     domains = complete("domains")
+    pools = complete("pools")
     used = {v["domain"] for v in [*accounts.values(), *encoders.values()]}
+    live_domains = set(domains)
     for name in used - set(domains):
         fields = model.tables["domains"][name].fields
-        domains[name] = {f: value for f, (value, _) in fields.items()}
+        # Listed through its accounts or encoders, not live: no pool of its own.
+        domains[name] = {f: value for f, (value, _) in fields.items()} | {"pool": None}
+
+    def servers(pool: str | None) -> frozenset[str] | None:
+        return frozenset(pools[pool]["servers"]) if pool in pools else None
+
+    effective = {}
+    for k, v in encoders.items():
+        inherited = domains[v["domain"]]["pool"] if v["domain"] in live_domains else None
+        effective[k] = servers(v["pool"]) or servers(inherited) or frozenset()
     return (
-        [Domain(v["uid"], k, v["created"], v["updated"]) for k, v in sorted(domains.items())],
+        [Domain(v["uid"], k, v["created"], v["updated"], v["pool"])
+         for k, v in sorted(domains.items())],
         [Account(v["uid"], k, v["domain"], v["role"], v["password_hash"], v["created"],
                  v["updated"]) for k, v in sorted(accounts.items())],
         [Encoder(v["uid"], k, v["name"], v["domain"], v["secret_hash"], v["created"],
-                 v["updated"]) for k, v in sorted(encoders.items())],
+                 v["updated"], v["pool"]) for k, v in sorted(encoders.items())],
+        [Pool(k, tuple(v["servers"]), v["description"]) for k, v in sorted(pools.items())],
+        {k: v["weight"] for k, v in sorted(complete("server_weights").items())},
+        effective,
     )
 
 
@@ -656,6 +702,25 @@ def expected_view(log: list[Update]) -> tuple[list[Domain], list[Account], list[
     rnd=st.randoms(use_true_random=False),
 )
 def test_partitioned_replicas_converge_and_lose_nothing(
+    n_stores: int, seeding: str, operations: list[tuple[Any, ...]], rnd: random.Random
+) -> None:
+    check_partitioned_replicas(n_stores, seeding, operations, rnd)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n_stores=st.sampled_from([2, 3]),
+    seeding=st.sampled_from(["one side", "every side"]),
+    operations=st.lists(operations_from(POOL_OPS), min_size=10, max_size=25),
+    rnd=st.randoms(use_true_random=False),
+)
+def test_partitioned_pool_changes_converge(
+    n_stores: int, seeding: str, operations: list[tuple[Any, ...]], rnd: random.Random
+) -> None:
+    check_partitioned_replicas(n_stores, seeding, operations, rnd)
+
+
+def check_partitioned_replicas(
     n_stores: int, seeding: str, operations: list[tuple[Any, ...]], rnd: random.Random
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -703,7 +768,10 @@ def test_partitioned_replicas_converge_and_lose_nothing(
             assert all(d == digests[0] for d in digests)
             assert all(v == views[0] for v in views)
             # The lists are what the replica semantics say they are.
-            assert views[0][:3] == expected_view(log)
+            assert (*views[0][:3], *views[0][6:]) == expected_view(log)
+            pool_names = {pool.name for pool in views[0][6]}
+            if any(x.pool and x.pool not in pool_names for x in [*views[0][0], *views[0][2]]):
+                event("a pool reference dangles")
             listed = {d.name for d in views[0][0]}
             assert all(x.domain in listed for x in [*views[0][1], *views[0][2]])
             # Nothing lost: every field holds its newest write; every newest tombstone is kept.
@@ -744,7 +812,7 @@ def _encoder_updates(s: Store, count: int) -> list[Update]:
         stamp = s.hlc.now()
         fields = {"uid": f"uid-{i}", "name": f"Camera {i}", "domain": "d",
                   "secret_hash": hash_secret(f"secret-number-{i:08d}"),
-                  "created": 1.0 * i, "updated": 1.0 * i}
+                  "created": 1.0 * i, "updated": 1.0 * i, "pool": None}
         out.append(Update("encoders", f"cam-{i:05d}", {k: (v, stamp) for k, v in fields.items()}))
     return out
 

@@ -20,7 +20,7 @@ from evserver.admin.changes import FieldError, check_field
 from evserver.admin.msr import MsrError, check_lifetime, join_command
 from evserver.admin.web import Cookie, Response, json_error, json_response
 from evserver.passwords import check_password
-from evserver.store import Account, AuditEntry, Domain
+from evserver.store import Account, AuditEntry, Domain, Pool
 
 if TYPE_CHECKING:
     from evserver.admin.site import AdminSite, Call, Route
@@ -30,7 +30,12 @@ MAX_AUDIT_LIMIT = 1000
 
 def domain_json(domain: Domain, accounts: int, encoders: int) -> dict[str, Any]:
     return {"name": domain.name, "created": domain.created, "updated": domain.updated,
-            "accounts": accounts, "encoders": encoders}
+            "accounts": accounts, "encoders": encoders, "pool": domain.pool}
+
+
+def pool_json(pool: Pool, encoders: list[str], domains: list[str]) -> dict[str, Any]:
+    return {"name": pool.name, "servers": list(pool.servers), "description": pool.description,
+            "encoders": encoders, "domains": domains}
 
 
 def account_json(account: Account) -> dict[str, Any]:
@@ -52,7 +57,7 @@ def api_routes(site: AdminSite) -> list[Route]:
     from evserver.admin.site import Route
 
     api = Api(site)
-    get, post, patch, delete = b"GET", b"POST", b"PATCH", b"DELETE"
+    get, post, put, patch, delete = b"GET", b"POST", b"PUT", b"PATCH", b"DELETE"
     return [
         Route(post, ("api", "login"), api.login, public=True, csrf=False),
         Route(get, ("api", "session"), api.session),
@@ -60,6 +65,7 @@ def api_routes(site: AdminSite) -> list[Route]:
         Route(get, ("api", "server"), api.server),
         Route(get, ("api", "servers"), api.servers),
         Route(get, ("api", "servers", "*"), api.cluster_server),
+        Route(patch, ("api", "servers", "*"), api.update_server),
         Route(delete, ("api", "servers", "*"), api.remove_server),
         Route(get, ("api", "msr"), api.msr),
         Route(post, ("api", "msr", "enable"), api.msr_enable),
@@ -74,7 +80,14 @@ def api_routes(site: AdminSite) -> list[Route]:
         Route(get, ("api", "domains"), api.domains),
         Route(post, ("api", "domains"), api.create_domain),
         Route(get, ("api", "domains", "*"), api.domain),
+        Route(patch, ("api", "domains", "*"), api.update_domain),
         Route(delete, ("api", "domains", "*"), api.delete_domain),
+        Route(get, ("api", "pools"), api.pools),
+        Route(post, ("api", "pools"), api.create_pool),
+        Route(get, ("api", "pools", "*"), api.pool),
+        Route(put, ("api", "pools", "*"), api.update_pool),
+        Route(post, ("api", "pools", "*"), api.update_pool),
+        Route(delete, ("api", "pools", "*"), api.delete_pool),
         Route(get, ("api", "accounts"), api.accounts),
         Route(post, ("api", "accounts"), api.create_account),
         Route(get, ("api", "accounts", "*"), api.account),
@@ -173,6 +186,20 @@ class Api:
             "viewers": self.view.viewers() if this else None,
         })
 
+    def update_server(self, call: Call) -> Response:
+        """Set a server's capacity weight: ``{"weight": number}``, null for the default."""
+        assert call.session is not None
+        data = call.json()
+        try:
+            _check_fields(data, {"weight"}, {"weight"})
+            self.site.set_server_weight(call.session, call.args[0], data["weight"])
+        except FieldError as e:
+            return refused(e)
+        except MsrError as e:
+            return json_error(e.status, e.message)
+        row = self.site.msr.server(call.args[0])
+        return json_response({"server": row})
+
     def remove_server(self, call: Call) -> Response:
         assert call.session is not None
         try:
@@ -238,25 +265,36 @@ class Api:
         assert call.session is not None
         data = call.json()
         try:
-            _check_fields(data, {"encoder_id", "domain", "name", "secret"},
+            _check_fields(data, {"encoder_id", "domain", "name", "secret", "pool"},
                           {"encoder_id", "domain"})
             encoder, secret = self.changes.create_encoder(
                 call.session, data["encoder_id"], data["domain"], data.get("name"),
-                data.get("secret"))
+                data.get("secret"), data.get("pool"))
         except FieldError as e:
             return refused(e)
         row = self.site.encoder_row(encoder.encoder_id)
         return json_response({"encoder": row, "secret": secret}, 201)
 
     def update_encoder(self, call: Call) -> Response:
+        """Rename an encoder, set its own pool (null: none), or both."""
         assert call.session is not None
         data = call.json()
+        encoder_id = call.args[0]
         try:
-            _check_fields(data, {"name"}, {"name"})
-            self.changes.rename_encoder(call.session, call.args[0], data["name"])
+            _check_fields(data, {"name", "pool"}, set())
+            if not data:
+                raise FieldError(None, "give a new name, a pool (null for none) or both")
+            if self.store.get_encoder(encoder_id) is None:
+                raise FieldError(None, f"no encoder with id {encoder_id!r}", 404)
+            if "pool" in data:  # check it before changing anything
+                self.changes.pool_ref("pool", data["pool"])
+            if "name" in data:
+                self.changes.rename_encoder(call.session, encoder_id, data["name"])
+            if "pool" in data:
+                self.changes.set_encoder_pool(call.session, encoder_id, data["pool"])
         except FieldError as e:
             return refused(e)
-        return self._encoder(call.args[0])
+        return self._encoder(encoder_id)
 
     def new_secret(self, call: Call) -> Response:
         assert call.session is not None
@@ -302,16 +340,79 @@ class Api:
         assert call.session is not None
         data = call.json()
         try:
-            _check_fields(data, {"name"}, {"name"})
-            domain = self.changes.create_domain(call.session, data["name"])
+            _check_fields(data, {"name", "pool"}, {"name"})
+            domain = self.changes.create_domain(call.session, data["name"], data.get("pool"))
         except FieldError as e:
             return refused(e)
         return self._domain(domain.name, 201)
+
+    def update_domain(self, call: Call) -> Response:
+        """Set a domain's pool: ``{"pool": name}``, null for none."""
+        assert call.session is not None
+        data = call.json()
+        try:
+            _check_fields(data, {"pool"}, {"pool"})
+            domain = self.changes.set_domain_pool(call.session, call.args[0], data["pool"])
+        except FieldError as e:
+            return refused(e)
+        return self._domain(domain.name)
 
     def delete_domain(self, call: Call) -> Response:
         assert call.session is not None
         try:
             self.changes.delete_domain(call.session, call.args[0])
+        except FieldError as e:
+            return refused(e)
+        return json_response({"deleted": call.args[0]})
+
+    # -- pools ---------------------------------------------------------------
+
+    def _pool(self, name: str, status: int = 200) -> Response:
+        pool = self.store.get_pool(name)
+        if pool is None:
+            return json_error(404, f"no pool named {name!r}")
+        return json_response({"pool": pool_json(pool, *self.store.pool_users(name))}, status)
+
+    def pools(self, call: Call) -> Response:
+        return json_response({"pools": [pool_json(p, *self.store.pool_users(p.name))
+                                        for p in self.store.list_pools()]})
+
+    def pool(self, call: Call) -> Response:
+        return self._pool(call.args[0])
+
+    def create_pool(self, call: Call) -> Response:
+        assert call.session is not None
+        data = call.json()
+        try:
+            _check_fields(data, {"name", "servers", "description"}, {"name", "servers"})
+            pool = self.changes.create_pool(call.session, data["name"], data["servers"],
+                                            data.get("description", ""),
+                                            self.site.known_servers())
+        except FieldError as e:
+            return refused(e)
+        return self._pool(pool.name, 201)
+
+    def update_pool(self, call: Call) -> Response:
+        """Change a pool's servers, description or both (PUT or POST)."""
+        assert call.session is not None
+        data = call.json()
+        try:
+            _check_fields(data, {"servers", "description"}, set())
+            if not data:
+                raise FieldError(None, "give the pool's servers, its description or both")
+            for key in sorted(data):
+                if data[key] is None:
+                    raise FieldError(key, f"{key} must not be null")
+            self.changes.update_pool(call.session, call.args[0], data.get("servers"),
+                                     data.get("description"), self.site.known_servers())
+        except FieldError as e:
+            return refused(e)
+        return self._pool(call.args[0])
+
+    def delete_pool(self, call: Call) -> Response:
+        assert call.session is not None
+        try:
+            self.changes.delete_pool(call.session, call.args[0])
         except FieldError as e:
             return refused(e)
         return json_response({"deleted": call.args[0]})

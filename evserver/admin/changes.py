@@ -10,7 +10,7 @@ row (who, what, when, on which server).  Passwords are hashed in a thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from twisted.internet import defer, threads
@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from evserver.admin.auth import Session, SessionTable, fingerprint
 from evserver.passwords import check_password, hash_password
 from evserver.store import (
+    DEFAULT_WEIGHT,
     Account,
     AlreadyExists,
     Domain,
@@ -26,12 +27,17 @@ from evserver.store import (
     Invalid,
     NotEmpty,
     NotFound,
+    Pool,
     Store,
     StoreError,
+    validate_description,
     validate_encoder_id,
     validate_name,
+    validate_pool_name,
+    validate_pool_servers,
     validate_role,
     validate_secret,
+    validate_weight,
 )
 
 _STATUS = {Invalid: 400, AlreadyExists: 409, NotEmpty: 409, NotFound: 404}
@@ -57,8 +63,9 @@ class FieldError(Exception):
 
 
 def from_store_error(error: StoreError, field: str | None) -> FieldError:
+    """The store's refusal on the field it names itself, else on ``field``."""
     status = next((s for cls, s in _STATUS.items() if isinstance(error, cls)), 400)
-    return FieldError(field, str(error), status)
+    return FieldError(error.field or field, str(error), status)
 
 
 def check_field(field: str, check: Callable[[], Any]) -> Any:
@@ -71,8 +78,29 @@ def check_field(field: str, check: Callable[[], Any]) -> Any:
         raise FieldError(field, str(e)) from None
 
 
+def parse_weight(text: str) -> float | None:
+    """A weight typed into a form: empty for the default (None), else a number (FieldError)."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise FieldError("weight", f"weight must be a number, not {text!r}") from None
+    return check_field("weight", lambda: validate_weight(value))
+
+
+def parse_servers(text: str) -> list[str]:
+    """Server ids typed into a form: comma (or space) separated; empty items are ignored."""
+    return [part for part in text.replace(",", " ").split() if part]
+
+
+def _ref(pool: str | None) -> str:
+    return "none" if pool is None else repr(pool)
+
+
 class Changes:
-    """Validated, audited changes to domains, accounts and encoders."""
+    """Validated, audited changes to domains, accounts, encoders, pools and server weights."""
 
     def __init__(
         self,
@@ -120,13 +148,26 @@ class Changes:
 
     # -- domains -----------------------------------------------------------
 
-    def create_domain(self, actor: Session, name: object) -> Domain:
-        checked = check_field("name", lambda: validate_name("domain name", name))
+    def create_domain(self, actor: Session, name: object, pool: object = None) -> Domain:
+        errors: list[FieldError] = []
+        for check in (
+            lambda: check_field("name", lambda: validate_name("domain name", name)),
+            lambda: self.pool_ref("pool", pool),
+        ):
+            try:
+                check()
+            except FieldError as e:
+                errors.append(e)
+        if errors:
+            raise FieldError.combine(errors)
+        assert isinstance(name, str)
+        checked, checked_pool = name, self.pool_ref("pool", pool)
         try:
-            domain = self.store.add_domain(checked)
+            domain = self.store.add_domain(checked, checked_pool)
         except StoreError as e:
             raise from_store_error(e, "name") from None
-        self.audit(actor.account, "domain.create", checked)
+        self.audit(actor.account, "domain.create", checked,
+                   "" if checked_pool is None else f"pool {checked_pool!r}")
         return domain
 
     def delete_domain(self, actor: Session, name: object) -> None:
@@ -233,6 +274,7 @@ class Changes:
         domain: object,
         name: object = None,
         secret: object = None,
+        pool: object = None,
     ) -> tuple[Encoder, str]:
         """Register an encoder; returns it and its secret (to be shown once)."""
         errors: list[FieldError] = []
@@ -243,6 +285,7 @@ class Changes:
                 "name", lambda: validate_name("encoder name", name)),
             lambda: None if secret is None else check_field(
                 "secret", lambda: validate_secret(secret)),
+            lambda: self.pool_ref("pool", pool),
         ):
             try:
                 check()
@@ -255,12 +298,15 @@ class Changes:
         assert secret is None or isinstance(secret, str)
         if self.store.get_encoder(encoder_id) is not None:
             raise FieldError("encoder_id", f"encoder {encoder_id!r} exists already", 409)
+        checked_pool = self.pool_ref("pool", pool)
         try:
-            encoder, plain = self.store.add_encoder(domain, encoder_id, name, secret)
+            encoder, plain = self.store.add_encoder(domain, encoder_id, name, secret,
+                                                    pool=checked_pool)
         except StoreError as e:
             raise from_store_error(e, "encoder_id") from None
         self.audit(actor.account, "encoder.create", encoder_id,
-                   f"domain {domain!r}, name {encoder.name!r}")
+                   f"domain {domain!r}, name {encoder.name!r}"
+                   + ("" if checked_pool is None else f", pool {checked_pool!r}"))
         return encoder, plain
 
     def rename_encoder(self, actor: Session, encoder_id: object, name: object) -> Encoder:
@@ -294,3 +340,160 @@ class Changes:
             raise from_store_error(e, None) from None
         self.audit(actor.account, "encoder.delete", encoder.encoder_id,
                    f"domain {encoder.domain!r}, name {encoder.name!r}")
+
+    # -- pools and server weights --------------------------------------------------
+
+    def pool_ref(self, field: str, pool: object) -> str | None:
+        """A pool chosen for an encoder or a domain: None or "" for none, else a pool's name."""
+        if pool is None or pool == "":
+            return None
+        if not isinstance(pool, str):
+            raise FieldError(field, "pool must be the name of a pool, or null for none, not "
+                                    f"{type(pool).__name__}")
+        if self.store.get_pool(pool) is None:
+            raise FieldError(field, f"no pool named {pool!r}")
+        return pool
+
+    @staticmethod
+    def _servers(servers: object, known: Collection[str] | None,
+                 kept: Collection[str] = ()) -> tuple[str, ...]:
+        """Valid server ids, each a server of the cluster (``known``) or one kept from before."""
+        checked: tuple[str, ...] = check_field("servers", lambda: validate_pool_servers(servers))
+        if known is not None:
+            unknown = [s for s in checked if s not in known and s not in kept]
+            if unknown:
+                raise FieldError("servers", (
+                    f"{', '.join(repr(s) for s in unknown)} "
+                    f"{'is not a server' if len(unknown) == 1 else 'are not servers'} of this "
+                    f"cluster (its servers: {', '.join(known)})"))
+        return checked
+
+    def _pool(self, name: object) -> Pool:
+        pool = self.store.get_pool(name) if isinstance(name, str) else None
+        if pool is None:
+            raise FieldError(None, f"no pool named {name!r}", 404)
+        return pool
+
+    def create_pool(self, actor: Session, name: object, servers: object,
+                    description: object = "", known: Collection[str] | None = None) -> Pool:
+        """Create a pool; ``known``: the servers it may name (None: any valid id)."""
+        errors: list[FieldError] = []
+        for check in (
+            lambda: check_field("name", lambda: validate_pool_name(name)),
+            lambda: self._servers(servers, known),
+            lambda: check_field("description", lambda: validate_description(description)),
+        ):
+            try:
+                check()
+            except FieldError as e:
+                errors.append(e)
+        if errors:
+            raise FieldError.combine(errors)
+        assert isinstance(name, str) and isinstance(description, str)
+        if self.store.get_pool(name) is not None:
+            raise FieldError("name", f"pool {name!r} exists already", 409)
+        try:
+            pool = self.store.create_pool(name, validate_pool_servers(servers), description)
+        except StoreError as e:
+            raise from_store_error(e, "name") from None
+        self.audit(actor.account, "pool.create", pool.name,
+                   f"servers {', '.join(pool.servers)}")
+        return pool
+
+    def update_pool(self, actor: Session, name: object, servers: object = None,
+                    description: object = None,
+                    known: Collection[str] | None = None) -> Pool:
+        """Change a pool's servers and/or description (None: unchanged).  Servers it
+        named already may stay although they left the cluster."""
+        pool = self._pool(name)
+        errors: list[FieldError] = []
+        checked: tuple[str, ...] | None = None
+        try:
+            if servers is not None:
+                checked = self._servers(servers, known, pool.servers)
+        except FieldError as e:
+            errors.append(e)
+        try:
+            if description is not None:
+                check_field("description", lambda: validate_description(description))
+        except FieldError as e:
+            errors.append(e)
+        if errors:
+            raise FieldError.combine(errors)
+        assert description is None or isinstance(description, str)
+        details = []
+        if checked is not None and checked != pool.servers:
+            details.append(f"servers {', '.join(pool.servers)} -> {', '.join(checked)}")
+        else:
+            checked = None
+        if description is not None and description != pool.description:
+            details.append(f"description {pool.description!r} -> {description!r}")
+        else:
+            description = None
+        if not details:
+            return pool
+        try:
+            updated = self.store.update_pool(pool.name, servers=checked, description=description)
+        except StoreError as e:
+            raise from_store_error(e, None) from None
+        self.audit(actor.account, "pool.update", pool.name, "; ".join(details))
+        return updated
+
+    def delete_pool(self, actor: Session, name: object) -> None:
+        pool = self._pool(name)
+        try:
+            self.store.delete_pool(pool.name)
+        except StoreError as e:
+            raise from_store_error(e, None) from None
+        self.audit(actor.account, "pool.delete", pool.name,
+                   f"servers {', '.join(pool.servers)}")
+
+    def set_encoder_pool(self, actor: Session, encoder_id: object, pool: object) -> Encoder:
+        """Give an encoder its own pool, or none (None or "")."""
+        encoder = self._encoder(encoder_id)
+        checked = self.pool_ref("pool", pool)
+        if checked == encoder.pool:
+            return encoder
+        try:
+            updated = self.store.set_encoder_pool(encoder.encoder_id, checked)
+        except StoreError as e:
+            raise from_store_error(e, "pool") from None
+        self.audit(actor.account, "encoder.pool", encoder.encoder_id,
+                   f"{_ref(encoder.pool)} -> {_ref(checked)}")
+        return updated
+
+    def set_domain_pool(self, actor: Session, name: object, pool: object) -> Domain:
+        """Give a domain a pool (for its encoders without one of their own), or none."""
+        domain = self.store.get_domain(name) if isinstance(name, str) else None
+        if domain is None:
+            raise FieldError(None, f"no domain named {name!r}", 404)
+        checked = self.pool_ref("pool", pool)
+        if checked == domain.pool:
+            return domain
+        try:
+            updated = self.store.set_domain_pool(domain.name, checked)
+        except StoreError as e:
+            raise from_store_error(e, "pool") from None
+        self.audit(actor.account, "domain.pool", domain.name,
+                   f"{_ref(domain.pool)} -> {_ref(checked)}")
+        return updated
+
+    def set_server_weight(self, actor: Session, server_id: str, weight: object) -> float:
+        """Set a server's capacity weight (None: back to the default); returns the weight.
+
+        The caller checks that the server is one of the cluster's.
+        """
+        checked = None if weight is None else check_field("weight",
+                                                          lambda: validate_weight(weight))
+        weights = self.store.server_weights()
+        old = weights.get(server_id, DEFAULT_WEIGHT)
+        new = DEFAULT_WEIGHT if checked is None else checked
+        if new == old:  # (1 set explicitly or by default weighs the same)
+            return new
+        try:
+            self.store.set_server_weight(server_id, checked)
+        except StoreError as e:
+            raise from_store_error(e, "weight") from None
+        self.audit(actor.account, "server.weight", server_id,
+                   f"{old:g} -> {new:g}" + (" (the default)" if checked is None else ""))
+        return new

@@ -23,6 +23,7 @@ from evserver.admin.status import ENCODER_STATES, ServerView, url_host
 from evserver.cluster.ca import ClusterError, ClusterIdentity, load_identity
 from evserver.cluster.tokens import JoinToken, format_address
 from evserver.config import validate_host
+from evserver.store import DEFAULT_WEIGHT
 
 #: Join tokens the admin site mints: a day, as ``evserver-ctl msr token``.
 DEFAULT_TOKEN_LIFETIME = 24 * 3600
@@ -155,6 +156,10 @@ class MultiSite:
                        ca_fingerprint=identity.fingerprint())
         return out
 
+    def weight(self, server_id: str) -> float:
+        """A server's capacity weight for the balancer (replicated; 1 unless set)."""
+        return self.view.store.server_weights().get(server_id, DEFAULT_WEIGHT)
+
     def _this_row(self) -> dict[str, Any]:
         c = self.view.config
         stats = self.view.core.stats()
@@ -172,6 +177,7 @@ class MultiSite:
             "connected": True,
             "warnings": [],
             "removable": False,
+            "weight": self.weight(c.server_id),
         }
 
     def _peer_row(self, cluster: Any, record: Any, views: dict[str, Any]) -> dict[str, Any]:
@@ -210,6 +216,7 @@ class MultiSite:
             "connected": connected,
             "warnings": warnings,
             "removable": True,
+            "weight": self.weight(sid),
         }
 
     def servers(self) -> list[dict[str, Any]]:

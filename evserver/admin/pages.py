@@ -29,7 +29,16 @@ from twisted.web.template import Tag, tags
 from evserver.admin.auth import CSRF_FIELD
 from evserver.admin.status import ServerView, human_bytes
 from evserver.admin.web import segment
-from evserver.store import ROLES, Account, AuditEntry, Domain, Encoder
+from evserver.store import (
+    DEFAULT_WEIGHT,
+    MAX_WEIGHT,
+    ROLES,
+    Account,
+    AuditEntry,
+    Domain,
+    Encoder,
+    Pool,
+)
 
 NAV = (
     ("home", "/", "Home"),
@@ -38,6 +47,7 @@ NAV = (
     ("domains", "/domains", "Domains"),
     ("accounts", "/accounts", "Accounts"),
     ("encoders", "/encoders", "Encoders"),
+    ("pools", "/pools", "Pools"),
     ("audit", "/audit", "Audit log"),
     ("settings", "/settings", "Settings"),
 )
@@ -243,6 +253,8 @@ def format_cell(value: Any, fmt: str | None) -> Any:
         return "yes" if value else "no"
     if value is None or value == "":
         return "—"
+    if isinstance(value, float):
+        return f"{value:g}"  # as live.js shows a number: 1, 2.5
     return str(value)
 
 
@@ -513,10 +525,15 @@ VIEWER_COLUMNS = (
 )
 
 
-def server_page(chrome: Chrome, view: ServerView) -> Tag:
+def server_page(chrome: Chrome, view: ServerView, weight: float = DEFAULT_WEIGHT,
+                errors: dict[str | None, str] | None = None, value: str | None = None) -> Tag:
     return layout(
         chrome, f"This server: {view.server_id}", "server",
-        tags.section(load_facts(view), class_="card wide", **{"data-live-src": "/api/server"}),
+        tags.div(
+            tags.section(load_facts(view), class_="card", **{"data-live-src": "/api/server"}),
+            weight_card(chrome, view.server_id, weight, errors, value),
+            class_="cards",
+        ),
         tags.section(
             tags.h2("Connected encoders"),
             live_table("encoders", CONNECTED_ENCODER_COLUMNS, view.connected_encoders(),
@@ -535,19 +552,38 @@ def server_page(chrome: Chrome, view: ServerView) -> Tag:
 # -- domains -------------------------------------------------------------------
 
 
+def pool_link(pool: str | None, pools: Sequence[Pool]) -> Any:
+    """A pool reference: a link to the pool, "—" for none, or the name of a pool that is
+    gone (deleted on another server while assigned here: it counts as none)."""
+    if pool is None:
+        return "—"
+    if any(p.name == pool for p in pools):
+        return tags.a(pool, href="/pools/" + segment(pool))
+    return tags.span(pool, " (no such pool: counts as none)", class_="hint")
+
+
+def pool_options(pools: Sequence[Pool], current: str | None) -> list[tuple[str, str]]:
+    options = [("", "— none —")] + [(p.name, f"{p.name} ({', '.join(p.servers)})")
+                                    for p in pools]
+    if current is not None and all(p.name != current for p in pools):
+        options.append((current, f"{current} (no such pool)"))
+    return options
+
+
 def domains_page(chrome: Chrome, domains: Sequence[Domain], accounts: Sequence[Account],
                  encoders: Sequence[Encoder], *, name: str = "",
-                 errors: dict[str | None, str] | None = None) -> Tag:
+                 errors: dict[str | None, str] | None = None,
+                 pools: Sequence[Pool] = ()) -> Tag:
     account_counts = Counter(a.domain for a in accounts)
     encoder_counts = Counter(e.domain for e in encoders)
     rows = [
         (tags.a(d.name, href="/domains/" + segment(d.name)), str(account_counts[d.name]),
-         str(encoder_counts[d.name]), timestamp(d.created))
+         str(encoder_counts[d.name]), pool_link(d.pool, pools), timestamp(d.created))
         for d in domains
     ]
     return layout(
         chrome, "Domains", "domains",
-        static_table(("Domain", "Accounts", "Encoders", "Created"), rows,
+        static_table(("Domain", "Accounts", "Encoders", "Pool", "Created"), rows,
                      "No domains yet.", numeric=(1, 2)),
         tags.section(
             tags.h2("New domain"),
@@ -561,26 +597,48 @@ def domains_page(chrome: Chrome, domains: Sequence[Domain], accounts: Sequence[A
 
 
 def domain_page(chrome: Chrome, domain: Domain, accounts: Sequence[Account],
-                encoders: Sequence[Encoder], errors: dict[str | None, str] | None = None) -> Tag:
+                encoders: Sequence[Encoder], errors: dict[str | None, str] | None = None,
+                *, pools: Sequence[Pool] = (), failed: str | None = None) -> Tag:
+    errors = errors or {}
+    base = "/domains/" + segment(domain.name)
+
+    def errs(which: str) -> dict[str | None, str]:
+        return errors if failed == which else {}
+
     account_rows = [(tags.a(a.name, href="/accounts/" + segment(a.name)), a.role)
                     for a in accounts]
-    encoder_rows = [(tags.a(e.encoder_id, href="/encoders/" + segment(e.encoder_id)), e.name)
-                    for e in encoders]
+    encoder_rows = [(tags.a(e.encoder_id, href="/encoders/" + segment(e.encoder_id)), e.name,
+                     pool_link(e.pool, pools)) for e in encoders]
     return layout(
         chrome, f"Domain {domain.name}", "domains",
-        definition_list([("Name", domain.name), ("Created", timestamp(domain.created))]),
+        definition_list([("Name", domain.name), ("Pool", pool_link(domain.pool, pools)),
+                         ("Created", timestamp(domain.created))]),
         tags.section(tags.h2("Accounts"),
                      static_table(("Account", "Role"), account_rows, "No accounts.")),
         tags.section(tags.h2("Encoders"),
-                     static_table(("Encoder id", "Name"), encoder_rows, "No encoders.")),
-        tags.section(
-            tags.h2("Delete"),
-            tags.p("Only an empty domain (no accounts, no encoders) can be deleted.",
-                   class_="hint"),
-            post_form(chrome, "/domains/" + segment(domain.name) + "/delete",
-                      button="Delete domain", danger=True, errors=errors,
-                      confirm=f"Delete domain {domain.name}?"),
-            class_="card danger-zone",
+                     static_table(("Encoder id", "Name", "Own pool"), encoder_rows,
+                                  "No encoders.")),
+        tags.div(
+            tags.section(
+                tags.h2("Pool"),
+                tags.p("The servers this domain's encoders prefer, unless an encoder has a "
+                       "pool of its own.", class_="hint"),
+                post_form(chrome, base + "/pool",
+                          select_field("Pool", "pool", pool_options(pools, domain.pool),
+                                       domain.pool or "", errs("pool")),
+                          button="Set pool", errors=errs("pool")),
+                class_="card form-card",
+            ),
+            tags.section(
+                tags.h2("Delete"),
+                tags.p("Only an empty domain (no accounts, no encoders) can be deleted.",
+                       class_="hint"),
+                post_form(chrome, base + "/delete",
+                          button="Delete domain", danger=True, errors=errs("delete"),
+                          confirm=f"Delete domain {domain.name}?"),
+                class_="card danger-zone",
+            ),
+            class_="cards",
         ),
     )
 
@@ -675,13 +733,14 @@ ENCODER_COLUMNS = (
     Column("encoder_id", "Encoder id", link="/encoders/{encoder_id}"),
     Column("name", "Name"),
     Column("domain", "Domain"),
+    Column("pool", "Own pool"),
     Column("state", "State", fmt="state"),
     Column("server_id", "Server"),
     Column("viewers", "Viewers", numeric=True),
 )
 
 ENCODER_STATE_COLUMNS = (
-    *ENCODER_COLUMNS[3:],
+    *ENCODER_COLUMNS[4:],
     Column("frames_in", "Frames in", numeric=True),
     Column("bytes_in", "Bytes in", fmt="bytes", numeric=True),
 )
@@ -744,7 +803,8 @@ def encoder_created_page(chrome: Chrome, view: ServerView, encoder: Encoder, sec
 
 def encoder_page(chrome: Chrome, view: ServerView, encoder: Encoder, row: dict[str, Any], *,
                  errors: dict[str | None, str] | None = None, failed: str | None = None,
-                 name: str | None = None, new_secret: str | None = None) -> Tag:
+                 name: str | None = None, new_secret: str | None = None,
+                 pools: Sequence[Pool] = ()) -> Tag:
     errors = errors or {}
     base = "/encoders/" + segment(encoder.encoder_id)
 
@@ -762,6 +822,7 @@ def encoder_page(chrome: Chrome, view: ServerView, encoder: Encoder, row: dict[s
             ("Encoder id", tags.code(encoder.encoder_id)),
             ("Name", encoder.name),
             ("Domain", tags.a(encoder.domain, href="/domains/" + segment(encoder.domain))),
+            ("Own pool", pool_link(encoder.pool, pools)),
             ("Created", timestamp(encoder.created)),
             ("Changed", timestamp(encoder.updated)),
         ]),
@@ -773,6 +834,16 @@ def encoder_page(chrome: Chrome, view: ServerView, encoder: Encoder, row: dict[s
                           text_field("Name", "name", encoder.name if name is None else name,
                                      errs("name")),
                           button="Rename", errors=errs("name")),
+                class_="card form-card",
+            ),
+            tags.section(
+                tags.h2("Pool"),
+                tags.p("The servers this encoder prefers. With none of its own it follows "
+                       "its domain's pool, if that has one.", class_="hint"),
+                post_form(chrome, base + "/pool",
+                          select_field("Pool", "pool", pool_options(pools, encoder.pool),
+                                       encoder.pool or "", errs("pool")),
+                          button="Set pool", errors=errs("pool")),
                 class_="card form-card",
             ),
             tags.section(
@@ -794,6 +865,131 @@ def encoder_page(chrome: Chrome, view: ServerView, encoder: Encoder, row: dict[s
             ),
             class_="cards",
         ),
+    )
+
+
+# -- server pools ------------------------------------------------------------------
+
+POOLS_INTRO = ("A pool names the servers that its encoders prefer: an encoder with a pool "
+               "(its own, or else its domain's) is placed on one of the pool's servers "
+               "instead of wherever balancing would put it, and on any server while all of "
+               "them are down. A pool and its assignments are the same on every server of "
+               "the cluster.")
+
+
+def servers_hint(known: Sequence[str]) -> str:
+    return ("Server ids, separated by commas, in order of preference. This cluster's "
+            f"servers: {', '.join(known)}.")
+
+
+def pools_page(chrome: Chrome, pools: Sequence[Pool],
+               users: dict[str, tuple[list[str], list[str]]], known: Sequence[str], *,
+               form: dict[str, str] | None = None,
+               errors: dict[str | None, str] | None = None) -> Tag:
+    form = form or {}
+    rows = [
+        (tags.a(p.name, href="/pools/" + segment(p.name)), ", ".join(p.servers),
+         str(len(users[p.name][0])), str(len(users[p.name][1])), p.description or "—")
+        for p in pools
+    ]
+    return layout(
+        chrome, "Server pools", "pools",
+        tags.p(POOLS_INTRO, class_="hint"),
+        static_table(("Pool", "Servers", "Encoders", "Domains", "Description"), rows,
+                     "No pools yet.", numeric=(2, 3)),
+        tags.section(
+            tags.h2("New pool"),
+            post_form(
+                chrome, "/pools",
+                text_field("Name", "name", form.get("name", ""), errors,
+                           hint="1 to 64 printable characters", autocomplete="off"),
+                text_field("Servers", "servers", form.get("servers", ""), errors,
+                           hint=servers_hint(known), autocomplete="off"),
+                text_field("Description", "description", form.get("description", ""), errors,
+                           required=False),
+                button="Create pool", errors=errors,
+            ),
+            class_="card form-card",
+        ),
+    )
+
+
+def pool_page(chrome: Chrome, pool: Pool, encoders: Sequence[str], domains: Sequence[str],
+              known: Sequence[str], *, form: dict[str, str] | None = None,
+              errors: dict[str | None, str] | None = None, failed: str | None = None) -> Tag:
+    errors = errors or {}
+    form = form or {}
+    base = "/pools/" + segment(pool.name)
+
+    def errs(which: str) -> dict[str | None, str]:
+        return errors if failed == which else {}
+
+    servers = []
+    for server_id in pool.servers:
+        if server_id in known:
+            servers.append(tags.li(tags.a(server_id, href=server_path(server_id))))
+        else:
+            servers.append(tags.li(tags.code(server_id),
+                                   tags.span(" (not a server of this cluster)", class_="hint")))
+    encoder_rows = [(tags.a(e, href="/encoders/" + segment(e)),) for e in encoders]
+    domain_rows = [(tags.a(d, href="/domains/" + segment(d)),) for d in domains]
+    return layout(
+        chrome, f"Pool {pool.name}", "pools",
+        tags.p(tags.a("All pools", href="/pools"), class_="more back"),
+        definition_list([
+            ("Name", pool.name),
+            ("Servers", tags.ul(*servers, class_="plain")),
+            ("Description", pool.description or "—"),
+        ]),
+        tags.div(
+            tags.section(tags.h2("Encoders with this pool"),
+                         static_table(("Encoder id",), encoder_rows, "None.")),
+            tags.section(tags.h2("Domains with this pool"),
+                         static_table(("Domain",), domain_rows, "None.")),
+            class_="cards",
+        ),
+        tags.div(
+            tags.section(
+                tags.h2("Change"),
+                post_form(
+                    chrome, base,
+                    text_field("Servers", "servers",
+                               form.get("servers", ", ".join(pool.servers)), errs("edit"),
+                               hint=servers_hint(known), autocomplete="off"),
+                    text_field("Description", "description",
+                               form.get("description", pool.description), errs("edit"),
+                               required=False),
+                    button="Save", errors=errs("edit"),
+                ),
+                class_="card form-card",
+            ),
+            tags.section(
+                tags.h2("Delete"),
+                tags.p("Only a pool that no encoder or domain uses can be deleted.",
+                       class_="hint"),
+                post_form(chrome, base + "/delete", button="Delete pool", danger=True,
+                          errors=errs("delete"), confirm=f"Delete pool {pool.name}?"),
+                class_="card form-card danger-zone",
+            ),
+            class_="cards",
+        ),
+    )
+
+
+def weight_card(chrome: Chrome, server_id: str, weight: float,
+                errors: dict[str | None, str] | None = None, value: str | None = None) -> Tag:
+    """The form that sets a server's capacity weight (on its server page)."""
+    return tags.section(
+        tags.h2("Capacity weight"),
+        tags.p(f"How much load balancing gives this server relative to the others: "
+               f"{DEFAULT_WEIGHT:g} unless set; 2 takes about twice the encoders of a server "
+               f"weighing 1. The same on every server of the cluster.", class_="hint"),
+        post_form(chrome, server_path(server_id) + "/weight",
+                  text_field("Weight", "weight", f"{weight:g}" if value is None else value,
+                             errors, required=False, autocomplete="off",
+                             hint=f"over 0, up to {MAX_WEIGHT:g}; empty for the default"),
+                  button="Set weight", errors=errors),
+        class_="card form-card",
     )
 
 
@@ -826,6 +1022,7 @@ MSR_SERVER_COLUMNS = (
     Column("rtt_ms", "RTT", fmt="ms", numeric=True),
     Column("offset_ms", "Clock offset", fmt="ms", numeric=True),
     Column("admin_url", "Admin site", fmt="url"),
+    Column("weight", "Weight", numeric=True),
     Column("removable", "", fmt="action", template="remove-server", otherwise="this server"),
 )
 
@@ -958,7 +1155,9 @@ def token_page(chrome: Chrome, token: str, token_id: str, expires: str, command:
 
 
 def remote_server_page(chrome: Chrome, row: dict[str, Any],
-                       encoders: Sequence[dict[str, Any]]) -> Tag:
+                       encoders: Sequence[dict[str, Any]],
+                       errors: dict[str | None, str] | None = None,
+                       value: str | None = None) -> Tag:
     sid = row["server_id"]
     admin = row["admin_url"]
     own_page = admin + "servers/" + segment(sid) if admin else None
@@ -997,6 +1196,7 @@ def remote_server_page(chrome: Chrome, row: dict[str, Any],
                 tags.p("As it reported in its latest heartbeat.", class_="hint"),
                 class_="card",
             ),
+            weight_card(chrome, sid, row["weight"], errors, value),
             class_="cards",
         ),
         tags.section(

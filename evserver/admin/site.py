@@ -51,7 +51,7 @@ from evserver.admin.auth import (
     new_token,
     tokens_equal,
 )
-from evserver.admin.changes import Changes, FieldError
+from evserver.admin.changes import Changes, FieldError, parse_servers, parse_weight
 from evserver.admin.msr import (
     PREREQUISITES,
     ClusterHost,
@@ -229,6 +229,7 @@ class AdminSite:
             Route(get, (), self.home),
             Route(get, ("settings",), self.settings),
             Route(get, ("servers", "*"), self.server),
+            Route(post, ("servers", "*", "weight"), self.set_weight),
             Route(get, ("msr",), self.msr_page),
             Route(post, ("msr", "enable"), self.msr_enable),
             Route(post, ("msr", "tokens"), self.msr_token),
@@ -236,6 +237,7 @@ class AdminSite:
             Route(get, ("domains",), self.domains),
             Route(post, ("domains",), self.create_domain),
             Route(get, ("domains", "*"), self.domain),
+            Route(post, ("domains", "*", "pool"), self.set_domain_pool),
             Route(post, ("domains", "*", "delete"), self.delete_domain),
             Route(get, ("accounts",), self.accounts),
             Route(post, ("accounts",), self.create_account),
@@ -248,7 +250,13 @@ class AdminSite:
             Route(get, ("encoders", "*"), self.encoder),
             Route(post, ("encoders", "*", "name"), self.rename_encoder),
             Route(post, ("encoders", "*", "secret"), self.new_secret),
+            Route(post, ("encoders", "*", "pool"), self.set_encoder_pool),
             Route(post, ("encoders", "*", "delete"), self.delete_encoder),
+            Route(get, ("pools",), self.pools),
+            Route(post, ("pools",), self.create_pool),
+            Route(get, ("pools", "*"), self.pool),
+            Route(post, ("pools", "*"), self.update_pool),
+            Route(post, ("pools", "*", "delete"), self.delete_pool),
             Route(get, ("audit",), self.audit),
             *api_routes(self),
         ]
@@ -478,17 +486,46 @@ class AdminSite:
         return html(pages.settings_page(self.chrome(call.session), self.view,
                                         self.msr.status()))
 
-    def server(self, call: Call) -> Response:
-        server_id = call.args[0]
+    def _server_page(self, call: Call, server_id: str, status: int = 200,
+                     errors: dict[str | None, str] | None = None,
+                     value: str | None = None) -> Response:
         if server_id == self.config.server_id:
-            return html(pages.server_page(self.chrome(call.session), self.view))
+            return html(pages.server_page(self.chrome(call.session), self.view,
+                                          self.msr.weight(server_id), errors, value), status)
         row = self.msr.server(server_id)
         if row is None:
             return self.error(call, 404, "Unknown server",
                               f"This server is {self.config.server_id!r}; its cluster has "
                               f"no server {server_id!r}.")
         return html(pages.remote_server_page(self.chrome(call.session), row,
-                                             self.msr.hosted_encoders(server_id)))
+                                             self.msr.hosted_encoders(server_id), errors,
+                                             value), status)
+
+    def server(self, call: Call) -> Response:
+        return self._server_page(call, call.args[0])
+
+    def known_servers(self) -> list[str]:
+        """The servers of the cluster (this one first); standalone: this one."""
+        return [row["server_id"] for row in self.msr.servers()]
+
+    def set_server_weight(self, session: Session, server_id: str, weight: object) -> float:
+        """Set a server's capacity weight (audited); MsrError 404 if no such server."""
+        if self.msr.server(server_id) is None:
+            raise MsrError(f"there is no server {server_id!r} in this cluster", 404)
+        return self.changes.set_server_weight(session, server_id, weight)
+
+    def set_weight(self, call: Call) -> Response:
+        assert call.session is not None
+        server_id = call.args[0]
+        text = call.form().get("weight", "")
+        try:
+            weight = self.set_server_weight(call.session, server_id, parse_weight(text))
+        except MsrError as e:
+            return self.error(call, e.status, "Unknown server", e.message)
+        except FieldError as e:
+            return self._server_page(call, server_id, e.status, e.fields, text)
+        return self._flash(call, f"Server {server_id!r} now weighs {weight:g}.",
+                           pages.server_path(server_id))
 
     # multi-site resilience
 
@@ -573,7 +610,8 @@ class AdminSite:
                       errors: dict[str | None, str] | None = None) -> Response:
         return html(pages.domains_page(
             self.chrome(call.session), self.store.list_domains(), self.store.list_accounts(),
-            self.store.list_encoders(), name=name, errors=errors), status)
+            self.store.list_encoders(), name=name, errors=errors,
+            pools=self.store.list_pools()), status)
 
     def domains(self, call: Call) -> Response:
         return self._domains_page(call)
@@ -588,13 +626,15 @@ class AdminSite:
         return self._flash(call, f"Domain {domain.name!r} created.", "/domains")
 
     def _domain_page(self, call: Call, name: str, status: int = 200,
-                     errors: dict[str | None, str] | None = None) -> Response:
+                     errors: dict[str | None, str] | None = None,
+                     failed: str | None = None) -> Response:
         domain = self.store.get_domain(name)
         if domain is None:
             return self.error(call, 404, "Unknown domain", f"There is no domain {name!r}.")
         return html(pages.domain_page(
             self.chrome(call.session), domain, self.store.list_accounts(name),
-            self.store.list_encoders(name), errors), status)
+            self.store.list_encoders(name), errors, pools=self.store.list_pools(),
+            failed=failed), status)
 
     def domain(self, call: Call) -> Response:
         return self._domain_page(call, call.args[0])
@@ -607,8 +647,89 @@ class AdminSite:
         except FieldError as e:
             if e.status == 404:
                 return self.error(call, 404, "Unknown domain", e.message)
-            return self._domain_page(call, name, e.status, {None: e.message})
+            return self._domain_page(call, name, e.status, {None: e.message}, "delete")
         return self._flash(call, f"Domain {name!r} deleted.", "/domains")
+
+    def set_domain_pool(self, call: Call) -> Response:
+        assert call.session is not None
+        name = call.args[0]
+        try:
+            domain = self.changes.set_domain_pool(call.session, name,
+                                                  call.form().get("pool", ""))
+        except FieldError as e:
+            if e.status == 404:
+                return self.error(call, 404, "Unknown domain", e.message)
+            return self._domain_page(call, name, e.status, dict(e.fields), "pool")
+        return self._flash(call, f"Domain {name!r} has no pool now." if domain.pool is None
+                           else f"Domain {name!r} now uses pool {domain.pool!r}.",
+                           "/domains/" + segment(name))
+
+    # pools
+
+    def _pools_page(self, call: Call, status: int = 200, form: dict[str, str] | None = None,
+                    errors: dict[str | None, str] | None = None) -> Response:
+        pools = self.store.list_pools()
+        users = {p.name: self.store.pool_users(p.name) for p in pools}
+        return html(pages.pools_page(self.chrome(call.session), pools, users,
+                                     self.known_servers(), form=form, errors=errors), status)
+
+    def pools(self, call: Call) -> Response:
+        return self._pools_page(call)
+
+    def create_pool(self, call: Call) -> Response:
+        assert call.session is not None
+        form = call.form()
+        try:
+            pool = self.changes.create_pool(
+                call.session, form.get("name", ""), parse_servers(form.get("servers", "")),
+                form.get("description", ""), self.known_servers())
+        except FieldError as e:
+            return self._pools_page(call, e.status, form, e.fields)
+        return self._flash(call, f"Pool {pool.name!r} created.", "/pools/" + segment(pool.name))
+
+    def _pool_page(self, call: Call, name: str, status: int = 200,
+                   form: dict[str, str] | None = None,
+                   errors: dict[str | None, str] | None = None,
+                   failed: str | None = None) -> Response:
+        pool = self.store.get_pool(name)
+        if pool is None:
+            return self.error(call, 404, "Unknown pool", f"There is no pool {name!r}.")
+        encoders, domains = self.store.pool_users(name)
+        return html(pages.pool_page(self.chrome(call.session), pool, encoders, domains,
+                                    self.known_servers(), form=form, errors=errors,
+                                    failed=failed), status)
+
+    def pool(self, call: Call) -> Response:
+        return self._pool_page(call, call.args[0])
+
+    def _pool_refused(self, call: Call, e: FieldError, failed: str,
+                      form: dict[str, str] | None = None) -> Response:
+        if e.status == 404:
+            return self.error(call, 404, "Unknown pool", e.message)
+        return self._pool_page(call, call.args[0], e.status, form, dict(e.fields), failed)
+
+    def update_pool(self, call: Call) -> Response:
+        assert call.session is not None
+        name = call.args[0]
+        form = call.form()
+        try:
+            servers = form.get("servers")
+            self.changes.update_pool(call.session, name,
+                                     None if servers is None else parse_servers(servers),
+                                     form.get("description"), self.known_servers())
+        except FieldError as e:
+            return self._pool_refused(call, e, "edit", form)
+        return self._flash(call, f"Pool {name!r} saved.", "/pools/" + segment(name))
+
+    def delete_pool(self, call: Call) -> Response:
+        assert call.session is not None
+        name = call.args[0]
+        try:
+            self.changes.delete_pool(call.session, name)
+        except FieldError as e:
+            e.fields = {None: e.message}
+            return self._pool_refused(call, e, "delete")
+        return self._flash(call, f"Pool {name!r} deleted.", "/pools")
 
     # accounts
 
@@ -719,7 +840,8 @@ class AdminSite:
                               f"There is no encoder {encoder_id!r}.")
         return html(pages.encoder_page(self.chrome(call.session), self.view, encoder, row,
                                        errors=errors, failed=failed, name=name,
-                                       new_secret=new_secret), status)
+                                       new_secret=new_secret, pools=self.store.list_pools()),
+                    status)
 
     def encoder(self, call: Call) -> Response:
         return self._encoder_page(call, call.args[0])
@@ -739,6 +861,19 @@ class AdminSite:
         except FieldError as e:
             return self._encoder_refused(call, e, "name", name)
         return self._flash(call, f"Encoder {encoder_id!r} renamed.",
+                           "/encoders/" + segment(encoder_id))
+
+    def set_encoder_pool(self, call: Call) -> Response:
+        assert call.session is not None
+        encoder_id = call.args[0]
+        try:
+            encoder = self.changes.set_encoder_pool(call.session, encoder_id,
+                                                    call.form().get("pool", ""))
+        except FieldError as e:
+            return self._encoder_refused(call, e, "pool")
+        return self._flash(call, f"Encoder {encoder_id!r} has no pool of its own now."
+                           if encoder.pool is None else
+                           f"Encoder {encoder_id!r} now uses pool {encoder.pool!r}.",
                            "/encoders/" + segment(encoder_id))
 
     def new_secret(self, call: Call) -> Response:
