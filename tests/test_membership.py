@@ -133,7 +133,9 @@ def test_interface_and_settings() -> None:
     verifyObject(IMembershipActions, Recorder(clock))
     s = MembershipSettings()
     assert (s.heartbeat_interval, s.suspect_after, s.probe_timeout) == (0.25, 0.75, 0.75)
-    assert (s.reconnect_initial, s.reconnect_max) == (0.25, 2.0)
+    # A dead peer is dialled every 0.5 s at most: with the 0.5 s peer connection
+    # timeout, a link is back within ~1 s of a heal (R2: converge within 1 s).
+    assert (s.reconnect_initial, s.reconnect_max, s.reconnect_factor) == (0.25, 0.5, 2.0)
     for bad in (
         {"heartbeat_interval": 0},
         {"suspect_after": 0.2},
@@ -369,7 +371,7 @@ def test_reset_link_is_not_death_when_others_still_hear_it() -> None:
     run(clock, 10.0, each)
     assert [new for _, _, new in changes(rec, "b")] == [CONNECTING]
     assert len(answered) >= 10  # a round every ~0.75 s, each answered "alive"
-    assert [round(e[0] - 0.5, 6) for e in rec.of("connect")][:5] == [0.0, 0.25, 0.75, 1.75, 3.75]
+    assert [round(e[0] - 0.5, 6) for e in rec.of("connect")][:5] == [0.0, 0.25, 0.75, 1.25, 1.75]
     assert m.on_connection_made("b", 1)
     assert m.state("b") is ALIVE
 
@@ -430,11 +432,12 @@ def test_reconnect_backoff_timings() -> None:
 
     run(clock, 12.0, fail_attempts)
     times = [e[0] for e in rec.of("connect")]
-    # At once, then waits of 0.25, 0.5, 1, 2, 2, ...; going dead at 1.5 does not disturb it.
-    assert times == [0.0, 0.25, 0.75, 1.75, 3.75, 5.75, 7.75, 9.75, 11.75]
+    # At once, then waits of 0.25, 0.5, 0.5, ...; going dead at 1.5 does not disturb it.
+    assert times == [0.0, 0.25, *(0.75 + 0.5 * k for k in range(23))]
+    assert times[-1] == 11.75
     assert [(t, new) for t, _, new in changes(rec, "b")] == [(1.5, DEAD)]
     (retry,) = clock.getDelayedCalls()
-    assert retry.getTime() == 13.75
+    assert retry.getTime() == 12.25
     # A link resets the back-off: after the next loss, at once, then 0.25 s, 0.5 s.
     m.on_connection_made("b", 1)
     assert not retry.active()
@@ -448,11 +451,15 @@ def test_reconnect_backoff_timings() -> None:
 def test_reconnect_backoff_jitter() -> None:
     s = MembershipSettings()
     delays = [s.reconnect_delay(n, Random(3)) for n in (1, 2, 3, 4, 5, 9)]
-    for d, base in zip(delays, [0.25, 0.5, 1.0, 2.0, 2.0, 2.0], strict=True):
+    for d, base in zip(delays, [0.25, 0.5, 0.5, 0.5, 0.5, 0.5], strict=True):
         assert base * 0.9 <= d <= base * 1.1
     rng = Random(5)
     assert len({round(s.reconnect_delay(1, rng), 9) for _ in range(10)}) == 10
-    assert NO_JITTER.reconnect_delay(1000, Random(1)) == 2.0
+    assert NO_JITTER.reconnect_delay(1000, Random(1)) == 0.5
+    # The doubling goes on up to a larger reconnect_max when one is set.
+    slow = MembershipSettings(reconnect_jitter=0.0, reconnect_max=2.0)
+    assert [slow.reconnect_delay(n, Random(1)) for n in (1, 2, 3, 4, 5)] == [
+        0.25, 0.5, 1.0, 2.0, 2.0]
     # Through the machine, with the default settings.
     clock, rec, m = make(["b"], seed=11)
     waits = []
@@ -462,9 +469,9 @@ def test_reconnect_backoff_jitter() -> None:
         (retry,) = [c for c in calls if "reconnect_due" in c.func.__name__]
         waits.append(retry.getTime() - clock.seconds())
         clock.advance(3.0)
-    for w, base in zip(waits, [0.25, 0.5, 1.0, 2.0, 2.0, 2.0], strict=True):
+    for w, base in zip(waits, [0.25, 0.5, 0.5, 0.5, 0.5, 0.5], strict=True):
         assert base * 0.9 <= w <= base * 1.1
-    assert len({round(w, 9) for w in waits[3:]}) == 3  # jittered, not all 2.0
+    assert len({round(w, 9) for w in waits[1:]}) == 5  # jittered, not all 0.5
     assert len(rec.of("connect")) == 7
 
 

@@ -50,6 +50,15 @@ STATUS_FILE = "status.json"
 ANTI_ENTROPY_INTERVAL = 10.0
 STORE_CHECK_INTERVAL = 0.5
 DUPLICATE_CLOSE_DELAY = 1.0
+#: How long a TCP connection to a peer may take (TLS and the handshake come
+#: after).  Peers are at most 100 ms apart (a prerequisite, R14), so an
+#: attempt with no answer after five round trips met a cut link or a dead
+#: host: give up and dial again after the membership's back-off (at most
+#: 0.5 s).  The two bound how late a link is back after a heal: an attempt
+#: under way at the heal fails within 0.5 s, the next one 0.5 s (+10 %) later
+#: succeeds, so replicas converge within 1 s of the heal (R2).  With 1 s
+#: here it would be up to ~1.5 s.
+PEER_CONNECT_TIMEOUT = 0.5
 
 
 @attrs.define
@@ -87,7 +96,10 @@ class ClusterService(Service):
         self.store = store
         self.clock = reactor
         self.reactor = reactor
-        self.incarnation = int(time.time() * 1_000_000)
+        #: When this server process started (microseconds): a restarted server
+        #: has a higher one, and every registration it stamps is later (its
+        #: peers take those stamped earlier for its previous run's).
+        self.incarnation = int(getattr(core, "started_at", reactor.seconds()) * 1_000_000)
         self.membership = Membership(self.server_id, self, reactor, settings)
         self.members: dict[str, MemberRecord] = {}
         #: Servers removed from the cluster: refused until re-admitted with a token.
@@ -130,6 +142,7 @@ class ClusterService(Service):
         d.addCallbacks(self._listening, self._listen_failed)
         for record in self.members.values():
             self.membership.add_member(record.server_id, record.incarnation)
+            self._tell_directory_incarnation(record.server_id, record.incarnation)
         from twisted.internet.task import LoopingCall
 
         self._anti_entropy = LoopingCall(self._anti_entropy_round)
@@ -226,10 +239,35 @@ class ClusterService(Service):
             self._save_members()
             if server_id not in self.membership:
                 self.membership.add_member(server_id, incarnation)
+            self._tell_directory_incarnation(server_id, incarnation)
             self._push_server_list()
         elif record.address != address:
             record.address = address
             self._save_members()
+
+    def incarnation_seen(self, server_id: str, incarnation: int) -> None:
+        """A member runs ``incarnation`` (its PeerHello, or another's MemberList).
+
+        A higher one than we knew means it restarted: the registrations of
+        its earlier run are over (the directory marks them offline and tells
+        the viewers), and the other peers are sent our member list so that
+        they learn it too, also those that cannot reach it themselves.
+        """
+        record = self.members.get(server_id)
+        if record is None or incarnation <= record.incarnation:
+            return
+        record.incarnation = incarnation
+        self._save_members()
+        self._tell_directory_incarnation(server_id, incarnation)
+        members = self.member_list()
+        for sid, conn in self.connections.items():
+            if sid != server_id:
+                conn.send(members)
+
+    def _tell_directory_incarnation(self, server_id: str, incarnation: int) -> None:
+        restarted = getattr(self.core, "server_restarted", None)
+        if restarted is not None and incarnation > 0:
+            restarted(server_id, _boot_ms(incarnation))
 
     def remove_member(self, server_id: str, tell_peers: bool = True) -> bool:
         """Remove a server from the cluster (it must be re-admitted with a token to return)."""
@@ -313,7 +351,8 @@ class ClusterService(Service):
             endpoint = endpoints.wrapClientTLS(
                 peer_client_tls_options(self.identity, server_id),
                 endpoints.HostnameEndpoint(self.reactor, record.address.peer_host,
-                                           record.address.peer_port, timeout=2))
+                                           record.address.peer_port,
+                                           timeout=PEER_CONNECT_TIMEOUT))
         d = endpoint.connect(PeerClientFactory(self, server_id))
         d.addErrback(self._connect_failed, server_id)
 
@@ -351,12 +390,16 @@ class ClusterService(Service):
                  new=getattr(new_state, "value", new_state))
         if new_state in (PeerState.DEAD, PeerState.ALIVE):
             self._save_status()
+        # A client must never be told of an encoder on a server whose address
+        # it has not been given: the server list grows before the updates that
+        # name a server coming back, and shrinks after the updates that take
+        # a lost server's encoders offline (they name no server).
         if new_state == PeerState.DEAD:
             self.core.server_lost(server_id)
             self._push_server_list()
         elif new_state == PeerState.ALIVE:
-            self.core.server_back(server_id)
             self._push_server_list()
+            self.core.server_back(server_id)
 
     # -- connections -----------------------------------------------------
 
@@ -382,17 +425,23 @@ class ClusterService(Service):
             self.reactor.callLater(DUPLICATE_CLOSE_DELAY, existing.close)
         if sid not in self.membership or self.members[sid].address != hello.address:
             self.add_member(sid, hello.address, hello.incarnation)
+        # Before the membership reports it back alive: the registrations of an
+        # earlier run of the peer are over, and must not count again.
+        self.incarnation_seen(sid, hello.incarnation)
         if not self.membership.on_connection_made(sid, hello.incarnation):
             return False
-        self.members[sid].incarnation = hello.incarnation
+        record = self.members[sid]
+        record.incarnation = max(record.incarnation, hello.incarnation)
         self.connections[sid] = conn
         conn.send(self.member_list())
-        # Our registrations, and our last word on encoders that left us (a
-        # peer that was not linked when we announced them offline must hear it).
-        own = self.core.reannounce() + [
-            loc for loc in self.core.locations.entries.values()
-            if loc.server_id == self.server_id and not loc.online]
-        conn.send(p.Directory(tuple(_to_wire(loc) for loc in own)))
+        # Every location we hold but the peer's own (it is their authority):
+        # our registrations (announced again), our last word on encoders that
+        # left us (a peer not linked when we announced them offline must hear
+        # it), and what we learnt from others (the peer may not reach them).
+        self.core.reannounce()
+        held = [_to_wire(loc) for loc in self.core.locations.snapshot(exclude_server=sid)]
+        for frame in directory_frames(held) or [p.Directory(())]:
+            conn.send(frame)
         self._request_digest(sid)
         return True
 
@@ -427,13 +476,14 @@ class ClusterService(Service):
             for member in msg.members:
                 if member.server_id != self.server_id and member.state != p.MemberState.LEFT:
                     self.add_member(member.server_id, member.address, member.incarnation)
+                    self.incarnation_seen(member.server_id, member.incarnation)
         elif isinstance(msg, p.Leave):
             if msg.server_id == self.server_id:
                 log.warn("this server was removed from the cluster by {sid}", sid=sid)
             else:
                 self.remove_member(msg.server_id, tell_peers=False)
         elif isinstance(msg, p.Directory):
-            self.core.remote_locations([_from_wire(loc) for loc in msg.locations])
+            self._directory(sid, msg)
         elif isinstance(msg, p.Updates):
             self._apply_updates(msg)
         elif isinstance(msg, p.DigestRequest):
@@ -453,6 +503,25 @@ class ClusterService(Service):
         frame = p.Directory((_to_wire(location),))
         for conn in self.connections.values():
             conn.send(frame)
+
+    def _directory(self, sender: str, msg: p.Directory) -> None:
+        """Merge a peer's Directory; forward what was news here to the other peers.
+
+        Gossip, so that news reaches the servers the hosting one has no link
+        to: an announcement is news to a server at most once (it must be
+        newer than the entry held), so each server forwards it at most once
+        and forwarding ends.  It is forwarded as received, never to the
+        server it came from nor to the server it names (their authority).
+        """
+        news = self.core.remote_locations([_from_wire(loc) for loc in msg.locations])
+        if not news:
+            return
+        for sid, conn in list(self.connections.items()):
+            if sid == sender:
+                continue
+            relayed = [_to_wire(loc) for loc in news if loc.server_id != sid]
+            for frame in directory_frames(relayed):
+                conn.send(frame)
 
     # -- replication -----------------------------------------------------
 
@@ -519,6 +588,45 @@ class ClusterService(Service):
 
 def _wall_us() -> int:
     return int(time.time() * 1_000_000)
+
+
+def _boot_ms(incarnation: int) -> int:
+    """When a server's run started (wall ms), from its incarnation (wall us).
+
+    One millisecond earlier, for the rounding: a registration stamped in the
+    millisecond the server started belongs to this run.
+    """
+    return incarnation // 1000 - 1
+
+
+_DIRECTORY_OVERHEAD = 4 + 1 + 2  # length, type, location count
+
+
+def _location_size(location: p.Location) -> int:
+    return sum(2 + len(text.encode("utf-8"))
+               for text in (location.encoder_id, location.server_id, location.epoch)) + 4 + 1
+
+
+def directory_frames(locations: list[p.Location],
+                     max_bytes: int = p.BATCH_BYTES) -> list[p.Directory]:
+    """``locations`` as Directory messages of at most ``max_bytes`` per frame (none if empty).
+
+    A location larger than ``max_bytes`` by itself (its strings are at most
+    64 KiB each) has a frame of its own, still far within ``FRAME_LIMIT``.
+    """
+    frames: list[p.Directory] = []
+    batch: list[p.Location] = []
+    size = _DIRECTORY_OVERHEAD
+    for location in locations:
+        n = _location_size(location)
+        if batch and (size + n > max_bytes or len(batch) == 0xFFFF):
+            frames.append(p.Directory(tuple(batch)))
+            batch, size = [], _DIRECTORY_OVERHEAD
+        batch.append(location)
+        size += n
+    if batch:
+        frames.append(p.Directory(tuple(batch)))
+    return frames
 
 
 def _wire_state(state: PeerState) -> int:

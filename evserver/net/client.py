@@ -1,9 +1,10 @@
 """Client side: encoder and viewer clients used by the tools, the tests and the simulator.
 
-Each client keeps the server list it was given and reconnects by itself when
-its connection is lost (to the next server of the list, with jitter).  What
-a client does is driven by messages and the injected reactor; the protocols
-here only move frames.
+Each client keeps every server address it was given or told of and
+reconnects by itself when its connection is lost (to another server, with
+jitter; to a second one alongside when the first is silent).  What a client
+does is driven by messages and the injected reactor; the protocols here only
+move frames.
 """
 
 from __future__ import annotations
@@ -31,8 +32,54 @@ log = Logger()
 
 SOFTWARE = f"evserver-client/{__version__}"
 CLIENT_MAX_FRAME = 8 * 1024 * 1024
+
+# How long a client waits for a server, and when it tries another alongside.
+#
+# The failover budget (design.md) leaves a client 0.5 s to reconnect and
+# register once it has noticed the loss of its server; the server it picks
+# may itself be silent: frozen (its kernel accepts the TCP connection, the
+# process never answers), or behind a cut link (no answer to the SYN).  Such
+# a server cannot be told from a slow one by a short deadline without also
+# dropping live servers that are busy with a burst of logins after a
+# failover.  Measured on loopback with TLS (a 2-core machine: one scrypt
+# thread, ~37 ms per check), from the TCP connection to the server's
+# preamble / to the end of the login: 1 viewer 11 ms / 82 ms; 30 at once
+# 0.10 s / up to 1.45 s; 100 at once 0.19 s (1.24 s at worst) / up to 4.0 s.
+# The preamble needs only the TLS handshake, the answer the password check.
+# Hence, as "happy eyeballs" (RFC 8305) does for addresses:
+#
+# - an attempt that has no preamble after HEDGE_DELAY gets company: another
+#   attempt to another server starts alongside (at most MAX_ATTEMPTS at
+#   once), and the first server to send its preamble wins.  Only the winner
+#   is sent the credentials, so the others are closed cleanly, cost the
+#   servers no password check, and an encoder never registers twice.  0.5 s
+#   is five times the preamble wait measured under a burst of 30 logins,
+#   and leaves 0.3 s over the two round trips (TCP, TLS 1.3) of a 100 ms RTT
+#   (R14); the few that wait longer in a bigger burst cost a TLS handshake
+#   elsewhere, not a password check.
+# - a silent server is still given up after PREAMBLE_DEADLINE (2 s: above
+#   the worst preamble measured under a burst of 100), which matters only
+#   when no other server is left to try.
+# - a server that sent its preamble is alive: it has ANSWER_DEADLINE (10 s,
+#   over twice the 4 s measured for a burst of 100 logins) to answer the
+#   authentication (and the relay's hello).  Giving up sooner would only
+#   move the burst, and its password checks, to another server.
+# - CONNECT_TIMEOUT (1 s) bounds the TCP handshake: 10 RTTs of 100 ms, and
+#   the time Linux waits before it sends a lost SYN again; the parallel
+#   attempt has started long before.
+
+#: Seconds the TCP connection may take (``connect_timeout``'s default).
+CONNECT_TIMEOUT = 1.0
+#: Seconds without a preamble after which another attempt starts alongside.
+HEDGE_DELAY = 0.5
+#: At most this many connection attempts at once.
+MAX_ATTEMPTS = 3
 #: Seconds a server may take to send its preamble (TLS handshake included).
-PREAMBLE_DEADLINE = 5.0
+PREAMBLE_DEADLINE = 2.0
+#: Seconds a server that sent its preamble may take to answer the authentication.
+ANSWER_DEADLINE = 10.0
+#: How many server addresses a client remembers (configured and ever named).
+MAX_KNOWN_SERVERS = 64
 _MEDIA_PREFIX = struct.Struct("!IBI")
 
 
@@ -91,38 +138,68 @@ class TLSConfig:
         )
 
 
+@attrs.define(eq=False)
+class _Attempt:
+    """One connection attempt of a control connection, until the server's preamble."""
+
+    address: Address
+    #: What the authentication will say in ``EncoderAuth.placed_by``.
+    placed_by: str
+    started: float
+    conn: _ClientConnection | None = None
+    connecting: Deferred[Any] | None = None
+
+
 class _ClientConnection(WireConnection):
-    """A client connection bound to an owner object that receives its events."""
+    """A client connection bound to an owner object that receives its events.
+
+    Until the server has sent its preamble, and then until it has answered,
+    a deadline runs (the owner's ``preamble_deadline``, then what
+    ``expect_answer`` says): a server that never answers is given up.
+    """
 
     is_server = False
 
-    def __init__(self, owner: Any, clock: Any) -> None:
+    def __init__(self, owner: Any, clock: Any, attempt: _Attempt | None = None) -> None:
         super().__init__(clock, CLIENT_MAX_FRAME)
         self.owner = owner
+        self.attempt = attempt
         self.refusal: ClientError | None = None
+        self._deadline: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        # A frozen server accepts the TCP connection (the kernel does) but
-        # never says a word: give up on it if its preamble does not come.
-        # Generous: a live server busy with a burst of TLS handshakes and
-        # logins after a failover must not be taken for a frozen one.
-        self._deadline: IDelayedCall | None = self.clock.callLater(
-            PREAMBLE_DEADLINE, self._no_answer)
+        # A frozen server accepts the TCP connection (its kernel does) but
+        # never says a word.
+        self._arm(self.owner.preamble_deadline, "the server sent no preamble")
         self.owner.connected(self)
 
     def preamble_received(self) -> None:
         self._cancel_deadline()
+        self.owner.preamble(self)
+
+    def expect_answer(self, seconds: float) -> None:
+        """The server must answer within ``seconds`` (until ``answered``)."""
+        self._arm(seconds, "the server does not answer")
+
+    def answered(self) -> None:
+        self._cancel_deadline()
+
+    def _arm(self, seconds: float, why: str) -> None:
+        self._cancel_deadline()
+        if self.connected:
+            self._deadline = self.clock.callLater(seconds, self._no_answer, why)
 
     def _cancel_deadline(self) -> None:
-        deadline = getattr(self, "_deadline", None)
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
         self._deadline = None
 
-    def _no_answer(self) -> None:
+    def _no_answer(self, why: str) -> None:
         self._deadline = None
-        self.fail(ErrorCode.KEEPALIVE_TIMEOUT, "the server does not answer")
+        if self.refusal is None:
+            self.refusal = ClientError(why, ErrorCode.KEEPALIVE_TIMEOUT)
+        self.fail(ErrorCode.KEEPALIVE_TIMEOUT, why)
         if self.connected:
             self.transport.abortConnection()  # type: ignore[union-attr]
 
@@ -192,45 +269,77 @@ FINAL_ERRORS = {ErrorCode.AUTH_FAILED, ErrorCode.WRONG_PROTOCOL, ErrorCode.VERSI
 
 
 class _ReconnectingClient:
-    """Server list, connection attempts with jittered back-off, first-login Deferred."""
+    """Known servers, connection attempts (in parallel, with jittered back-off), first login.
+
+    A round of attempts starts at one server; while no server has sent its
+    preamble, another attempt starts every ``hedge_delay`` (at most
+    ``MAX_ATTEMPTS`` at once, each to a server not tried yet); the first
+    server to send its preamble is sent the credentials, the other attempts
+    are closed.  When every attempt of a round failed, or a session is
+    lost, the next round starts after a jittered back-off.
+    """
 
     control_class: type[_ClientConnection]
     default_port: int
 
     def __init__(self, reactor: Any, servers: list[Address], tls: TLSConfig,
-                 connect_timeout: float = 2.0, retry_min: float = 0.05,
+                 connect_timeout: float = CONNECT_TIMEOUT, retry_min: float = 0.05,
                  retry_max: float = 2.0, rng: random.Random | None = None,
-                 connector: Callable[[Address], Any] | None = None) -> None:
+                 connector: Callable[[Address], Any] | None = None,
+                 hedge_delay: float = HEDGE_DELAY,
+                 preamble_deadline: float = PREAMBLE_DEADLINE,
+                 answer_deadline: float = ANSWER_DEADLINE) -> None:
         if not servers:
             raise ValueError("need at least one server address")
         self.reactor = reactor
-        self.servers = list(servers)
+        #: Every server address known, the ones the cluster names alive first.
+        self.servers = list(dict.fromkeys(servers))
         #: The addresses given at start, kept whatever the servers say later.
-        self.configured = list(servers)
-        self._tried: set[Address] = set()
+        self.configured = list(self.servers)
+        #: Every address given or ever named, least recently named first ->
+        #: whether a session ever worked there (the forgetting order).
+        self._known: dict[Address, bool] = dict.fromkeys(self.servers, False)
         #: The addresses of the last server list (the servers the cluster thinks alive).
-        self._named: set[Address] = set(servers)
+        self._named: list[Address] = list(self.servers)
+        #: Addresses tried since the last session that worked, and the last one.
+        self._tried: set[Address] = set()
+        self._last_tried: Address | None = None
         self.tls = tls
         self.connect_timeout = connect_timeout
         self.retry_min = retry_min
         self.retry_max = retry_max
+        self.hedge_delay = hedge_delay
+        self.preamble_deadline = preamble_deadline
+        self.answer_deadline = answer_deadline
         self.rng = rng or random.Random()
         #: Makes the client endpoint for an address (tests pass an in-memory one).
         self.connector = connector or (
             lambda address: tls.endpoint(reactor, address, connect_timeout))
         self.control: _ClientConnection | None = None
         self.relay: RelayConnection | None = None
+        #: The server of the current (or last) session.
         self.server_id = ""
+        #: The address of the current (or last) control connection.
+        self.address: Address | None = None
+        #: ``placed_by`` of the current (or last) control connection.
+        self.placed_by = ""
         self.ticket = b""
         self.stopped = True
         self.ready: Deferred[Any] = Deferred()
         self._first_done = False
         self._attempt = 0
-        self._server_index = 0
+        self._attempts: list[_Attempt] = []
+        self._hedge_call: IDelayedCall | None = None
         self._retry_call: IDelayedCall | None = None
         self._relay_address: Address | None = None
+        #: When the current session logged in (None while there is none).
+        self._session_started: float | None = None
         self.last_error: ClientError | None = None
+        #: Sessions that logged in.
         self.connects = 0
+        #: Connection attempts started, and those started alongside another.
+        self.attempts = 0
+        self.parallel_attempts = 0
         #: Called each time a session is ready (after every (re)connection).
         self.on_session: Callable[[], None] | None = None
         #: The cluster's servers as last told by the server, by id.
@@ -241,7 +350,7 @@ class _ReconnectingClient:
     def start(self) -> Deferred[Any]:
         """Connect; the Deferred fires once authenticated, or fails on a final error."""
         self.stopped = False
-        self._connect()
+        self._start_attempt(self.servers[0])
         return self.ready
 
     def stop(self) -> None:
@@ -249,28 +358,124 @@ class _ReconnectingClient:
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
         self._retry_call = None
+        self._drop_attempts()
         for conn in (self.relay, self.control):
             if conn is not None and conn.connected:
                 conn.close()
 
-    def _connect(self) -> None:
+    def _backoff(self) -> float:
+        delay = min(self.retry_max, self.retry_min * (2 ** min(self._attempt - 1, 8)))
+        return delay * (0.5 + self.rng.random())
+
+    # -- attempts --------------------------------------------------------
+
+    def _next_round(self) -> Address:
+        """Where the next round of attempts starts (no server list can come meanwhile)."""
+        address = self._pick()
+        if address is None:
+            # Every server was tried since the last session: again, the last
+            # one tried last.
+            self._tried.clear()
+            address = self._pick(avoid=self._last_tried) or self._pick()
+        assert address is not None
+        return address
+
+    def _pick(self, avoid: Address | None = None) -> Address | None:
+        """A server not tried yet, at random (None if none is left).
+
+        At random, so that a lost server's clients spread over the others
+        instead of all landing on the next one in the list.  The servers the
+        cluster names as alive come before the others, which it may have
+        declared dead (a frozen one among them).
+        """
+        busy = {a.address for a in self._attempts}
+        untried = [a for a in self.servers
+                   if a not in self._tried and a not in busy and a != avoid]
+        named = [a for a in untried if a in self._named]
+        pool = named or untried
+        return self.rng.choice(pool) if pool else None
+
+    def _start_attempt(self, address: Address, placed_by: str = "") -> None:
         self._retry_call = None
         if self.stopped:
             return
-        address = self.servers[self._server_index % len(self.servers)]
+        attempt = _Attempt(address, placed_by, self.reactor.seconds())
+        self._attempts.append(attempt)
+        self._tried.add(address)
+        self._last_tried = address
+        self.attempts += 1
+        if len(self._attempts) > 1:
+            self.parallel_attempts += 1
         d = self.connector(address).connect(
-            _Factory(lambda: self.control_class(self, self.reactor)))
-        d.addErrback(self._connect_failed, address)
+            _Factory(lambda: self.control_class(self, self.reactor, attempt)))
+        attempt.connecting = d
+        d.addErrback(self._connect_failed, attempt)
+        self._arm_hedge()
 
-    def _connect_failed(self, failure: Failure, address: Address) -> None:
-        self._lost(ClientError(f"cannot reach {address}: {failure.getErrorMessage()}"))
+    def _arm_hedge(self) -> None:
+        self._cancel_hedge()
+        if (self._attempts and self.control is None and len(self._attempts) < MAX_ATTEMPTS
+                and not self.stopped):
+            self._hedge_call = self.reactor.callLater(self.hedge_delay, self._hedge)
+
+    def _cancel_hedge(self) -> None:
+        if self._hedge_call is not None and self._hedge_call.active():
+            self._hedge_call.cancel()
+        self._hedge_call = None
+
+    def _hedge(self) -> None:
+        """No server has answered yet: try another one alongside."""
+        self._hedge_call = None
+        if self.stopped or self.control is not None or not self._attempts:
+            return
+        address = self._pick()
+        if address is None:
+            return  # nothing else to try: wait for the attempts under way
+        log.info("no answer from {silent} yet: trying {address} too",
+                 silent=", ".join(str(a.address) for a in self._attempts), address=address)
+        self._start_attempt(address)
+
+    def _connect_failed(self, failure: Failure, attempt: _Attempt) -> None:
+        if attempt in self._attempts:
+            self._attempt_failed(attempt, ClientError(
+                f"cannot reach {attempt.address}: {failure.getErrorMessage()}"))
+
+    def _attempt_failed(self, attempt: _Attempt, error: ClientError) -> None:
+        self._attempts.remove(attempt)
+        self.last_error = error
+        if self.stopped:
+            return
+        if self._attempts and error.code not in FINAL_ERRORS:
+            # Others are under way: one more at once, if a server is left.
+            self._hedge()
+            return
+        self._drop_attempts()
+        self._lost(error)
+
+    def _drop_attempts(self) -> None:
+        """Close the attempts under way (before any of them said who we are)."""
+        self._cancel_hedge()
+        attempts, self._attempts = self._attempts, []
+        for attempt in attempts:
+            if attempt.conn is not None:
+                attempt.conn.close()
+            elif attempt.connecting is not None and not attempt.connecting.called:
+                attempt.connecting.cancel()
 
     def _lost(self, error: ClientError) -> None:
+        """The session (or the round of attempts) is over: the next round, after a back-off."""
         self.last_error = error
+        if self.control is not None and self.address is not None:
+            self._tried.add(self.address)
         self.control = None
-        if self.relay is not None and self.relay.connected:
-            self.relay.close()
-        self.relay = None
+        self._end_session_clock()
+        # A relay of this session that closes late must not take the next
+        # session's control connection for its own.
+        self.ticket = b""
+        self._drop_attempts()
+        relay, self.relay = self.relay, None
+        if relay is not None and relay.connected:
+            relay.close()
         self.on_lost(error)
         if self.stopped:
             return
@@ -278,33 +483,20 @@ class _ReconnectingClient:
             self._give_up(error)
             return
         self._attempt += 1
-        if not self._first_done and self._attempt >= 3 * len(self.servers):
+        if not self._first_done and self._attempt >= 3 * len(self.configured):
             self._give_up(error)
             return
-        # Go to another server at random among those not tried since the last
-        # working session, so that a lost server's clients spread over the
-        # others instead of all landing on the next one in the list, and a
-        # server that just failed is not tried again before the rest.
-        if self._attempt == 1:
-            self._tried.clear()
-        current = self._server_index % len(self.servers)
-        self._tried.add(self.servers[current])
-        untried = [i for i, a in enumerate(self.servers) if a not in self._tried]
-        # Servers the cluster names as alive come before the other configured
-        # ones, which it may have declared dead (a frozen one among them).
-        named = [i for i in untried if self.servers[i] in self._named]
-        if named:
-            untried = named
-        if not untried:
-            self._tried.clear()
-            untried = [i for i in range(len(self.servers)) if i != current] or [current]
-        self._server_index = self.rng.choice(untried)
-        delay = min(self.retry_max, self.retry_min * (2 ** min(self._attempt - 1, 8)))
-        delay *= 0.5 + self.rng.random()
-        self._retry_call = self.reactor.callLater(delay, self._connect)
+        address = self._next_round()
+        self._retry_call = self.reactor.callLater(self._backoff(), self._start_attempt, address)
+
+    def _end_session_clock(self) -> None:
+        started, self._session_started = self._session_started, None
+        if started is not None:
+            self.session_ended(self.reactor.seconds() - started)
 
     def _give_up(self, error: ClientError) -> None:
         self.stopped = True
+        self._drop_attempts()
         if not self._first_done:
             self._first_done = True
             self.ready.errback(error)
@@ -313,30 +505,49 @@ class _ReconnectingClient:
 
     def _authenticated(self, conn: _ClientConnection, ticket: bytes, keepalive_ms: int,
                        server_id: str, servers: tuple[m.ServerInfo, ...]) -> None:
+        conn.answered()
         self._attempt = 0
+        self._tried.clear()
         self.connects += 1
         self.ticket = ticket
         self.server_id = server_id
+        self._session_started = self.reactor.seconds()
+        if self.address is not None:
+            self._known[self.address] = True
         interval = keepalive_ms / 1000
         conn.start_keepalive(interval, 3 * interval)
         self._set_servers(servers)
         own = next((s for s in servers if s.server_id == server_id), None)
-        host = own.host if own is not None else self.servers[0].host
-        self._relay_address = Address(host, own.relay_port) if own else None
+        self._relay_address = Address(own.host, own.relay_port) if own else None
         self._open_relay()
+
+    # -- known servers -----------------------------------------------------
 
     def _set_servers(self, servers: tuple[m.ServerInfo, ...]) -> None:
         self.server_infos = {s.server_id: s for s in servers}
-        addresses = [Address(s.host, self.port_of(s)) for s in servers]
+        addresses = list(dict.fromkeys(Address(s.host, self.port_of(s)) for s in servers))
         if addresses:
-            current = self.servers[self._server_index % len(self.servers)]
-            # The servers the cluster names now, then those given at start
-            # that it does not name (down at the moment): if every named
-            # server dies, the client still tries the others when they return.
-            self.servers = addresses + [a for a in self.configured if a not in addresses]
-            self._named = set(addresses)
-            self._server_index = (self.servers.index(current) if current in self.servers
-                                  else 0)
+            self._named = addresses
+            for address in addresses:
+                self._remember(address)
+
+    def _remember(self, address: Address) -> None:
+        """Know ``address`` for good (as the most recently named), within the bound."""
+        self._known[address] = self._known.pop(address, False)
+        keep = set(self._named) | set(self.configured)
+        while len(self._known) > MAX_KNOWN_SERVERS:
+            # The least recently named of those where no session ever worked,
+            # else of the others (never one configured or named now).
+            spare = [a for a in self._known if a not in keep]
+            if not spare:
+                break
+            never = [a for a in spare if not self._known[a]]
+            del self._known[(never or spare)[0]]
+        # The servers the cluster names now, then those given at start, then
+        # the others ever named: if every named server dies, the client still
+        # tries the others when they return.
+        self.servers = list(dict.fromkeys(
+            [*self._named, *self.configured, *reversed(self._known)]))
 
     def _open_relay(self) -> None:
         if self._relay_address is None or self.stopped:
@@ -347,27 +558,59 @@ class _ReconnectingClient:
         d.addErrback(self._relay_failed, ticket)
 
     def _relay_failed(self, failure: Failure, ticket: bytes) -> None:
-        if self.control is not None and ticket == self.ticket:
+        if self.control is not None and ticket and ticket == self.ticket:
             self.control.fail(ErrorCode.INTERNAL, "cannot open the relay connection")
 
     # -- connection events -----------------------------------------------
 
     def connected(self, conn: _ClientConnection) -> None:
         if isinstance(conn, RelayConnection):
-            conn.send(m.RelayHello(conn.ticket))
-        else:
-            self.control = conn
-            self.hello(conn)
+            if self.stopped or not conn.ticket or conn.ticket != self.ticket:
+                conn.close()  # the session that opened it is over
+            else:
+                conn.send(m.RelayHello(conn.ticket))
+            return
+        if self.stopped or conn.attempt not in self._attempts:
+            conn.close()  # an attempt given up meanwhile
+            return
+        assert conn.attempt is not None
+        conn.attempt.conn = conn
+
+    def preamble(self, conn: _ClientConnection) -> None:
+        """The server said its preamble: it is alive."""
+        if isinstance(conn, RelayConnection):
+            conn.expect_answer(self.answer_deadline)
+            return
+        attempt = conn.attempt
+        if self.stopped or attempt not in self._attempts or self.control is not None:
+            conn.close()
+            return
+        assert attempt is not None
+        # The first server to answer wins: the other attempts are closed
+        # before they said who we are.
+        self._attempts.remove(attempt)
+        self._drop_attempts()
+        self.control = conn
+        self.address = attempt.address
+        self.placed_by = attempt.placed_by
+        conn.expect_answer(self.answer_deadline)
+        self.hello(conn)
 
     def message(self, conn: _ClientConnection, msg: Any) -> None:
         if isinstance(conn, RelayConnection):
-            if isinstance(msg, m.RelayOk) and conn.ticket == self.ticket:
+            if isinstance(msg, m.RelayOk):
+                if not conn.ticket or conn.ticket != self.ticket or self.control is None:
+                    conn.close()
+                    return
+                conn.answered()
                 self.relay = conn
                 # Slower than the control connection, which notices a dead server.
                 interval = 3 * self.keepalive_interval()
                 conn.start_keepalive(interval, 3 * interval)
                 self._relay_ready()
             return
+        if conn is not self.control:
+            return  # a connection left behind (after a redirect)
         if isinstance(msg, m.ServerList):
             self._set_servers(msg.servers)
             return
@@ -381,7 +624,7 @@ class _ReconnectingClient:
         if isinstance(conn, RelayConnection):
             if self.relay is conn:
                 self.relay = None
-            elif conn.ticket != self.ticket:
+            elif not self.ticket or conn.ticket != self.ticket:
                 return  # a relay of an earlier session
             # The relay is part of the session: start over on the control side.
             if self.control is not None and self.control.connected:
@@ -389,6 +632,9 @@ class _ReconnectingClient:
             return
         if conn is self.control:
             self._lost(error)
+        elif conn.attempt in self._attempts:
+            assert conn.attempt is not None
+            self._attempt_failed(conn.attempt, error)
 
     def first_ready(self, value: Any) -> None:
         if not self._first_done:
@@ -416,6 +662,9 @@ class _ReconnectingClient:
 
     def on_lost(self, error: ClientError) -> None:
         pass
+
+    def session_ended(self, lasted: float) -> None:
+        """A session that had logged in is over after ``lasted`` seconds."""
 
     def on_final_error(self, error: ClientError) -> None:
         log.error("giving up: {error}", error=error)
@@ -453,18 +702,28 @@ class EncoderClient(_ReconnectingClient):
         self.frames_sent = 0
         self.bytes_sent = 0
         self.starts = 0
+        #: Redirects obeyed, and redirects ignored (a redirect loop).
+        self.redirects = 0
+        self.redirects_ignored = 0
+        #: The last redirect obeyed or ignored: (from server, to server id, reason name).
+        self.last_redirect: tuple[str, str, str] | None = None
+        #: When the redirects obeyed since the last session that lasted came.
+        self._recent_redirects: list[float] = []
+        self._ignore_redirects_until = float("-inf")
 
     def port_of(self, info: m.ServerInfo) -> int:
         return info.encoder_port
 
     def hello(self, conn: _ClientConnection) -> None:
-        conn.send(m.EncoderAuth(self.encoder_id, self.secret, SOFTWARE))
+        conn.send(m.EncoderAuth(self.encoder_id, self.secret, SOFTWARE, self.placed_by))
 
     def control_message(self, msg: Any) -> None:
         assert self.control is not None
         if isinstance(msg, m.EncoderAuthOk):
             self._authenticated(self.control, msg.ticket, msg.keepalive_ms, msg.server_id,
                                 msg.servers)
+        elif isinstance(msg, m.EncoderRedirect):
+            self._redirected(msg)
         elif isinstance(msg, m.StartStream):
             self.starts += 1
             self.streaming = True
@@ -482,6 +741,83 @@ class EncoderClient(_ReconnectingClient):
 
     def on_lost(self, error: ClientError) -> None:
         self._halt()
+
+    # -- redirects -------------------------------------------------------
+
+    #: More than REDIRECT_LOOP redirects within REDIRECT_WINDOW seconds, with
+    #: no session lasting REDIRECT_SETTLED seconds in between, is a loop:
+    #: redirects are then ignored for REDIRECT_IGNORE seconds.
+    REDIRECT_LOOP = 3
+    REDIRECT_WINDOW = 10.0
+    REDIRECT_SETTLED = 1.0
+    REDIRECT_IGNORE = 30.0
+
+    def _redirected(self, msg: m.EncoderRedirect) -> None:
+        """The server sends us to another (placement at login, or a move later).
+
+        Not a failure: no back-off, no ``on_lost``.  The connections to the
+        redirecting server are closed, the target is tried at once (naming
+        the redirecting server in ``placed_by``) and, if it cannot be
+        reached, the known servers as after a lost connection.
+        """
+        now = self.reactor.seconds()
+        source = self.address
+        assert source is not None
+        from_id = self._redirecting_server_id()
+        reason = m.REDIRECT_REASONS.get(msg.reason, str(msg.reason))
+        target = Address(msg.server.host, msg.server.encoder_port)
+        self._end_session()
+        self._remember(target)
+        self._recent_redirects = [t for t in self._recent_redirects
+                                  if now - t < self.REDIRECT_WINDOW]
+        self.last_redirect = (from_id, msg.server.server_id, reason)
+        if now < self._ignore_redirects_until or (
+                len(self._recent_redirects) >= self.REDIRECT_LOOP):
+            if now >= self._ignore_redirects_until:
+                self._ignore_redirects_until = now + self.REDIRECT_IGNORE
+                log.warn("{e}: {n} redirects within {w:.0f} s (the last from {a} to {b}, "
+                         "{r}): ignoring redirects for {i:.0f} s", e=self.encoder_id,
+                         n=len(self._recent_redirects) + 1, w=self.REDIRECT_WINDOW, a=from_id,
+                         b=msg.server.server_id, r=reason, i=self.REDIRECT_IGNORE)
+            self.redirects_ignored += 1
+            # Stay: back to the redirecting server, as placed there (it does not
+            # redirect a placed encoder at login), after the back-off: a server
+            # that redirects us over and over must not make us spin.
+            self._attempt += 1
+            self._retry_call = self.reactor.callLater(self._backoff(), self._start_attempt,
+                                                      source, from_id)
+            return
+        self.redirects += 1
+        self._recent_redirects.append(now)
+        log.info("{e}: {a} sends us to {b} at {address} ({r})", e=self.encoder_id, a=from_id,
+                 b=msg.server.server_id, address=target, r=reason)
+        self._start_attempt(target, from_id)
+
+    def _redirecting_server_id(self) -> str:
+        """The id of the server of the control connection (its address if not known)."""
+        if self._session_started is not None:
+            return self.server_id
+        # Redirected at login: EncoderAuthOk, which names the server, did not
+        # come.  A server list heard before may name it.
+        for info in self.server_infos.values():
+            if Address(info.host, info.encoder_port) == self.address:
+                return info.server_id
+        return str(self.address)
+
+    def _end_session(self) -> None:
+        """Close the control and relay connections, as no failure."""
+        conn, self.control = self.control, None
+        relay, self.relay = self.relay, None
+        self.ticket = b""
+        self._end_session_clock()
+        self._halt()
+        for c in (relay, conn):
+            if c is not None and c.connected:
+                c.close()
+
+    def session_ended(self, lasted: float) -> None:
+        if lasted >= self.REDIRECT_SETTLED:
+            self._recent_redirects.clear()
 
     def _halt(self) -> None:
         self.streaming = False

@@ -61,10 +61,12 @@ Decisions:
   never declared dead before the full 1.5 s, even if every helper says "not
   alive": a 0.8 s pause (garbage collection, a busy disk) must not evict it.
 * ``dead`` retries the connection itself, with the back-off (0.25 s doubling
-  to 2 s, +-10 % jitter), and goes straight to ``alive`` when a link comes
-  up: it does not pass through ``connecting`` on every attempt, which would
-  report dead -> connecting -> dead every few seconds to the cluster service
-  (and make it push server lists to every client each time).
+  to 0.5 s, +-10 % jitter: a partition's heal must be noticed within about
+  a second, for replicas to converge within 1 s of it), and goes straight
+  to ``alive`` when a link comes up: it does not pass through
+  ``connecting`` on every attempt, which would report dead -> connecting ->
+  dead each time to the cluster service (and make it push server
+  lists to every client each time).
 * A positive probe answer counts as evidence: ``last_seen`` becomes the time
   of the answer.  A peer we cannot hear but others can therefore cycles
   alive -> suspect -> alive every ~0.75 s and is never declared dead.
@@ -165,7 +167,9 @@ class MembershipSettings:
     suspect_after: float = attrs.field(default=0.75, validator=_positive)
     probe_timeout: float = attrs.field(default=0.75, validator=_positive)
     reconnect_initial: float = attrs.field(default=0.25, validator=_positive)
-    reconnect_max: float = attrs.field(default=2.0, validator=_positive)
+    #: A dead peer is dialled at least this often (before the jitter): with the
+    #: peer connection timeout it bounds how late a link is back after a heal.
+    reconnect_max: float = attrs.field(default=0.5, validator=_positive)
     reconnect_factor: float = 2.0
     #: Each back-off delay is multiplied by a uniform factor in [1 - j, 1 + j].
     reconnect_jitter: float = 0.1

@@ -280,6 +280,9 @@ class RelayCore:
         hlc: HybridClock | None = None,
     ) -> None:
         self.clock = clock
+        #: When this server process started (its clock): every registration it
+        #: stamps is later, which is what its cluster incarnation says.
+        self.started_at = clock.seconds()
         self.server_id = server_id
         self.registry = registry
         self.servers = servers
@@ -434,15 +437,26 @@ class RelayCore:
             return None
         return next((s for s in self.servers() if s.server_id == where.server_id), None)
 
-    def remote_locations(self, locations: Iterable[Location]) -> None:
-        """Announcements from other servers: merge, drop stale sessions, tell viewers."""
+    def remote_locations(self, locations: Iterable[Location]) -> list[Location]:
+        """Announcements from other servers: merge, drop stale sessions, tell viewers.
+
+        Returns the announcements that were news here (newer than the entry
+        held), as received: the cluster forwards them to its other peers.
+        Announcements of this server's own registrations are ignored: it is
+        their authority (they can only be echoes of an earlier run).
+        """
+        news = []
         for location in locations:
             self.hlc.observe(location.epoch)
-            local = self.encoders.get(location.encoder_id)
-            if not self.locations.apply(location):
+            if location.server_id == self.server_id:
                 continue
+            merged = self.locations.merge_one(location)
+            if not merged.stored:
+                continue
+            news.append(location)
+            local = self.encoders.get(location.encoder_id)
             if (local is not None and location.online
-                    and location.server_id != self.server_id
+                    and not self.locations.stale(location)
                     and location.version > (local.epoch, local.seq)):
                 log.info("encoder {encoder_id} registered on {server}; dropping the stale "
                          "session here", encoder_id=location.encoder_id,
@@ -453,6 +467,22 @@ class RelayCore:
                     local.relay.close_with_error(ErrorCode.SUPERSEDED,
                                                  "this encoder connected again elsewhere")
                 self.encoder_disconnected(local, announce=False)
+            if merged.changed:
+                self._notify_seen(location.encoder_id)
+        return news
+
+    def _notify_seen(self, encoder_id: str) -> None:
+        """Tell the viewers what the directory shows of ``encoder_id`` now."""
+        where = self.locations.where(encoder_id)
+        if where is None:
+            entry = self.locations.entries[encoder_id]
+            where = attrs.evolve(entry, state=m.EncoderState.OFFLINE)
+        self._notify_remote(where)
+
+    def server_restarted(self, server_id: str, boot_ms: int) -> None:
+        """``server_id`` runs an incarnation started at ``boot_ms``: its earlier
+        registrations went away with the earlier run (offline; viewers told)."""
+        for location in self.locations.server_restarted(server_id, boot_ms):
             self._notify_remote(location)
 
     def server_lost(self, server_id: str) -> None:

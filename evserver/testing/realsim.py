@@ -95,6 +95,7 @@ from evserver.cluster.provision import MEMBERS_FILE, peer_address_entry
 from evserver.cluster.service import ClusterService
 from evserver.media import SyntheticSource
 from evserver.net.client import (
+    CONNECT_TIMEOUT,
     Address,
     ClusterViewer,
     EncoderClient,
@@ -107,6 +108,7 @@ from evserver.state import membership as ms
 from evserver.state.fanout import ViewerFeed
 from evserver.state.hlc import Stamp
 from evserver.state.keepalive import Keepalive
+from evserver.state.balance import BalanceSettings
 from evserver.state.membership import Membership, MembershipSettings, PeerState
 from evserver.state.relay import Channel, Limits
 from evserver.state.replica import Update
@@ -125,7 +127,7 @@ T0 = 1_700_000_000.0
 FAST = ServerSettings(keepalive_interval=0.5, keepalive_timeout=1.5)
 ACCOUNT, PASSWORD, DOMAIN = "alice", "alice-pw", "north"
 #: The clients' connection timeout (``_ReconnectingClient``'s default).
-CLIENT_CONNECT_TIMEOUT = 2.0
+CLIENT_CONNECT_TIMEOUT = CONNECT_TIMEOUT
 #: How a viewer's frames may pause before it counts as not receiving.
 GAP = 0.35
 
@@ -406,6 +408,17 @@ class FrameLog:
             return None
         return resumed - since
 
+    def longest_gap(self, viewer: int, encoder_id: str, since: float, now: float) -> float:
+        """The longest time without a frame between ``since`` and ``now``."""
+        frames = self.arrivals.get((viewer, encoder_id), [])
+        prev, longest = since, 0.0
+        for t in _after(frames, since):
+            if t > now:
+                break
+            longest = max(longest, t - prev)
+            prev = t
+        return max(longest, now - prev)
+
     def first_after(self, viewer: int, encoder_id: str, since: float) -> float | None:
         """Seconds from ``since`` to the first frame after it (None: none yet)."""
         later = _after(self.arrivals.get((viewer, encoder_id), []), since)
@@ -433,8 +446,11 @@ class RealCluster:
                  membership: MembershipSettings | None = None,
                  fps: float = 10.0, bitrate: int = 200_000,
                  max_servers: int = 4, replicate: bool | None = None,
-                 peer_connect_timeout: float | None = None) -> None:
+                 peer_connect_timeout: float | None = None,
+                 balance: BalanceSettings | None = None) -> None:
         self.root = root
+        #: The servers' balancing (the product's defaults unless given).
+        self.balance = balance
         self.net = MemoryNetwork(tcp_faults=True)
         self.clock = self.net.clock
         self.clock.advance(T0)
@@ -455,11 +471,6 @@ class RealCluster:
         self.frames = FrameLog()
         self.encoders: dict[str, EncoderClient] = {}
         self.viewers: list[ClusterViewer] = []
-        #: Client object -> when it was last seen waiting for a frozen server
-        #: to accept it (a ClusterViewer counts for its sessions).
-        self.frozen_waits: dict[Any, float] = {}
-        #: Client object -> when it last started a connection attempt into a cut link.
-        self.blind_attempts: dict[Any, float] = {}
         #: Every replicated field written through ``write``: newest by stamp.
         self.written: dict[tuple[str, str, str], Written] = {}
         self._rng = random.Random(seed)
@@ -528,7 +539,9 @@ class RealCluster:
             identity, data_dir, external_address(host), f"tcp:{PEER_PORT}", server.core, store,
             clock,
             settings=self.membership_settings, connector=connector, listen=listen,
-            max_servers=self.max_servers, rng=random.Random(self._seed()),
+            max_servers=self.max_servers,
+            **({"balance": self.balance} if self.balance is not None else {}),
+            rng=random.Random(self._seed()),
             incarnation=int(self.clock.seconds() * 1_000_000) + incarnations,
             trace=self.trace)
         sim = SimServer(sid, host, data_dir, identity, clock, store, server, cluster,
@@ -571,28 +584,18 @@ class RealCluster:
         addresses = [Address(s.host, port) for s in self.servers.values()]
         return addresses[first:] + addresses[:first]
 
-    def _connector(self, owner: list[Any], host: str = CLIENT_HOST
-                   ) -> Callable[[Address], Any]:
-        """Client endpoints from ``host``; attempts into a cut link are noted for ``owner[0]``."""
+    def _connector(self, host: str = CLIENT_HOST) -> Callable[[Address], Any]:
+        """Client endpoints from ``host``."""
         def connect(a: Address) -> Any:
-            if frozenset((host, a.host)) in self.net.cut_links and owner:
-                self.blind_attempts[owner[0]] = self.clock.seconds()
             return self.net.endpoint(a.host, a.port, host, CLIENT_CONNECT_TIMEOUT)
         return connect
-
-    def tried_unreachable(self, client: Any, since: float) -> bool:
-        """Whether ``client`` had a connection attempt into a cut link under way after ``since``."""
-        start = self.blind_attempts.get(client)
-        return start is not None and start + CLIENT_CONNECT_TIMEOUT >= since
 
     def add_encoder(self, encoder_id: str, first: int = 0) -> EncoderClient:
         source = SyntheticSource(self.bitrate, self.fps, keyframe_interval=int(self.fps),
                                  seed=len(self.encoders))
-        owner: list[Any] = []
         enc = EncoderClient(self.clock, self._addresses(ENCODER_PORT, first), encoder_id,
                             self.secrets[encoder_id], source, TLSConfig(enabled=False),
-                            connector=self._connector(owner), rng=random.Random(self._seed()))
-        owner.append(enc)
+                            connector=self._connector(), rng=random.Random(self._seed()))
         self.encoders[encoder_id] = enc
         enc.start().addErrback(lambda f: None)
         return enc
@@ -600,13 +603,11 @@ class RealCluster:
     def add_viewer(self, first: int = 0, host: str = CLIENT_HOST) -> ClusterViewer:
         """A viewer homed first on the ``first``-th server, on client host ``host``."""
         index = len(self.viewers)
-        owner: list[Any] = []
         viewer = ClusterViewer(
             self.clock, self._addresses(VIEWER_PORT, first), ACCOUNT, PASSWORD,
             TLSConfig(enabled=False),
             on_media=lambda e, f: self.frames.record(index, e, self.clock.seconds()),
-            connector=self._connector(owner, host), rng=random.Random(self._seed()))
-        owner.append(viewer)
+            connector=self._connector(host), rng=random.Random(self._seed()))
         self.viewers.append(viewer)
         viewer.start().addErrback(lambda f: None)
         return viewer
@@ -629,18 +630,6 @@ class RealCluster:
                 return
             self.clock.advance(max(0.0, due - self.clock.seconds()))
             self.net.flush()
-            self._note_frozen_waits()
-
-    def _note_frozen_waits(self) -> None:
-        for _factory, _st, ct in self.net._held_accepts:
-            owner = getattr(ct.protocol, "owner", None)
-            while owner is not None:
-                self.frozen_waits[owner] = self.clock.seconds()
-                owner = getattr(owner, "owner", None)
-
-    def waited_on_frozen(self, client: Any, since: float) -> bool:
-        """Whether ``client`` waited after ``since`` for a frozen server to accept it."""
-        return self.frozen_waits.get(client, float("-inf")) >= since
 
     def run_until(self, predicate: Callable[[], bool], timeout: float,
                   step: float = 0.01) -> float:
@@ -682,7 +671,6 @@ class RealCluster:
         if s.state != "frozen":
             return
         self.trace.append((round(self.now() - T0, 6), "thaw", sid))
-        self._note_frozen_waits()
         s.state = "up"
         self.net.thaw_host(s.host)
         s.clock.thaw()
