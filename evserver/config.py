@@ -174,6 +174,11 @@ class ServerConfig:
     join_token: str | None = None
     #: The most servers a cluster may have (the article's limit is four).
     max_servers: int = attrs.field(default=4, validator=_positive)
+    #: Balancing: seconds of stable membership before idle encoders are
+    #: moved again, and how many moves may be under way at once (0: never
+    #: move; placement on connect still spreads new encoders).
+    balance_stability: float = attrs.field(default=60.0, validator=_not_negative)
+    balance_in_flight: int = attrs.field(default=2, validator=_not_negative)
 
     # A client notices a silent server within the timeout (the failover
     # budget gives that 1.5 s).

@@ -205,11 +205,15 @@ class RelayServerService(MultiService):
 
     def start_cluster(self, identity: Any) -> None:
         from evserver.cluster.service import ClusterService
+        from evserver.state.balance import BalanceSettings
 
         c = self.config
         self.cluster = ClusterService(identity, c.data_dir, self._peer_address(),
                                       c.peer_endpoint, self.core, self.store, self.reactor,
-                                      max_servers=c.max_servers)
+                                      max_servers=c.max_servers,
+                                      balance=BalanceSettings(
+                                          stability=c.balance_stability,
+                                          max_in_flight=c.balance_in_flight))
         self.cluster.setServiceParent(self)
         log.info("multi-site resilience: member {server_id} of cluster {cluster_id}",
                  server_id=identity.server_id, cluster_id=identity.cluster_id)

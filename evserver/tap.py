@@ -54,6 +54,8 @@ _NUMBERS: dict[str, tuple[str, type, str, bool]] = {
     "stall-timeout": ("stall_timeout", float, "seconds", False),
     "gop-cache-bytes": ("gop_cache_bytes", int, "bytes", False),
     "stop-linger": ("stop_linger", float, "seconds", True),
+    "balance-stability": ("balance_stability", float, "seconds", True),
+    "balance-in-flight": ("balance_in_flight", int, "moves", True),
 }
 _NUMBER_HELP = {
     "keepalive-interval": "Seconds between keepalives on idle control connections.",
@@ -64,6 +66,9 @@ _NUMBER_HELP = {
     "stall-timeout": "Seconds a viewer may leave its video unread before it is disconnected.",
     "gop-cache-bytes": "Bytes of the latest group of pictures kept per stream.",
     "stop-linger": "Seconds an encoder keeps streaming after its last viewer leaves.",
+    "balance-stability": "Seconds of stable cluster membership before idle encoders are "
+                         "moved to even out the load.",
+    "balance-in-flight": "Encoder moves under way at once when balancing (0: never move).",
 }
 
 ENDPOINT_EXAMPLES = "e.g. tcp:5510 or tcp:port=5510:interface=127.0.0.1"

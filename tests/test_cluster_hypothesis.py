@@ -394,7 +394,11 @@ def test_viewers_find_encoders_on_a_server_their_home_is_not_linked_to(
         assert viewer.home.server_id == "s3" and sim.hosting()["cam3"] == ["s4"]
         sim.cut("s2", "s3")  # s1 and s4 still hear both: nobody is declared dead
         sim.advance(SETTLE)
-        # cam3 moves from s4 to s2, which cannot tell s3 itself.
+        # cam3 moves from s4 to s2 (its new pool: placement sends it there),
+        # which cannot tell s3 itself.
+        sim.servers["s1"].store.create_pool("two", ["s2"])
+        sim.servers["s1"].store.set_encoder_pool("cam3", "two")
+        sim.advance(1.0)
         sim.encoders["cam3"].stop()
         t_move = sim.now()
         sim.add_encoder("cam3", first=1)

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from evserver import __version__
+from evserver.cluster.balancing import ClusterBalancing
 from evserver.cluster.ca import (
     ClusterIdentity,
     cluster_dir,
@@ -33,6 +34,7 @@ from evserver.cluster.ca import (
     peer_server_tls_options,
 )
 from evserver.net.peer import PeerClientFactory, PeerConnection, PeerServerFactory
+from evserver.state.balance import BalanceSettings
 from evserver.state.directory import Location
 from evserver.state.hlc import Stamp
 from evserver.state.membership import IMembershipActions, Membership, MembershipSettings, PeerState
@@ -83,7 +85,8 @@ class ClusterService(Service):
     def __init__(self, identity: ClusterIdentity, data_dir: Path, address: p.ExternalAddress,
                  peer_endpoint: str, core: Any, store: Any, reactor: Any,
                  settings: MembershipSettings | None = None,
-                 connector: Any = None, listen: Any = None, max_servers: int = 4) -> None:
+                 connector: Any = None, listen: Any = None, max_servers: int = 4,
+                 balance: BalanceSettings | None = None) -> None:
         self.identity = identity
         self.max_servers = max_servers
         self.joiner: Any = None
@@ -101,6 +104,8 @@ class ClusterService(Service):
         #: peers take those stamped earlier for its previous run's).
         self.incarnation = int(getattr(core, "started_at", reactor.seconds()) * 1_000_000)
         self.membership = Membership(self.server_id, self, reactor, settings)
+        #: Placement of arriving encoders and the balancer's moves.
+        self.balancing = ClusterBalancing(self, balance)
         self.members: dict[str, MemberRecord] = {}
         #: Servers removed from the cluster: refused until re-admitted with a token.
         self.removed: set[str] = set()
@@ -130,6 +135,8 @@ class ClusterService(Service):
         self._save_self()
         self.core.servers = self.servers
         self.core.on_announce = self._announce
+        self.core.placement = self.balancing.place
+        self.balancing.start()
         if hasattr(self.store, "subscribe"):
             self.store.subscribe(self._local_update)
         factory = PeerServerFactory(self)
@@ -178,6 +185,8 @@ class ClusterService(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        self.balancing.stop()
+        self.core.placement = None
         for loop in (self._anti_entropy, getattr(self, "_store_watch", None)):
             if loop is not None and loop.running:
                 loop.stop()
@@ -241,6 +250,7 @@ class ClusterService(Service):
                 self.membership.add_member(server_id, incarnation)
             self._tell_directory_incarnation(server_id, incarnation)
             self._push_server_list()
+            self.balancing.membership_changed()
         elif record.address != address:
             record.address = address
             self._save_members()
@@ -282,6 +292,7 @@ class ClusterService(Service):
         if conn is not None:
             conn.fail(ErrorCode.REMOVED, "this server was removed from the cluster")
         self.core.server_lost(server_id)
+        self.balancing.membership_changed()
         if tell_peers:
             for peer in self.connections.values():
                 peer.send(p.Leave(server_id))
@@ -369,9 +380,7 @@ class ClusterService(Service):
     def send_heartbeat(self, server_id: str, seq: int, sent_wall_us: int) -> None:
         conn = self.connections.get(server_id)
         if conn is not None:
-            stats = self.core.stats()
-            load = p.Load(stats["encoders"], stats["streaming"], stats["viewers"], 0)
-            conn.send(p.Heartbeat(seq & 0xFFFFFFFF, sent_wall_us, load))
+            conn.send(p.Heartbeat(seq & 0xFFFFFFFF, sent_wall_us, self.balancing.load()))
 
     def send_probe_request(self, via_server_id: str, target_server_id: str, nonce: int) -> None:
         conn = self.connections.get(via_server_id)
@@ -390,6 +399,7 @@ class ClusterService(Service):
                  new=getattr(new_state, "value", new_state))
         if new_state in (PeerState.DEAD, PeerState.ALIVE):
             self._save_status()
+            self.balancing.membership_changed()
         # A client must never be told of an encoder on a server whose address
         # it has not been given: the server list grows before the updates that
         # name a server coming back, and shrinks after the updates that take
@@ -484,6 +494,10 @@ class ClusterService(Service):
                 self.remove_member(msg.server_id, tell_peers=False)
         elif isinstance(msg, p.Directory):
             self._directory(sid, msg)
+        elif isinstance(msg, p.MoveRequest):
+            self.balancing.move_request(conn, msg)
+        elif isinstance(msg, p.MoveResult):
+            self.balancing.move_result(msg)
         elif isinstance(msg, p.Updates):
             self._apply_updates(msg)
         elif isinstance(msg, p.DigestRequest):

@@ -152,10 +152,23 @@ class EncoderControl(_ServerConnection):
                          encoder_id=msg.encoder_id, peer=_peer(self))
                 self.fail(ErrorCode.AUTH_FAILED, "unknown encoder or wrong secret")
                 return
-            log.info("encoder {encoder_id} ({software}) connected from {peer}",
-                     encoder_id=record.encoder_id, software=msg.software, peer=_peer(self))
             self.authenticated()
             core = self.factory.core
+            placement = getattr(core, "placement", None)
+            target = (placement(record.encoder_id, record.domain)
+                      if placement is not None and not msg.placed_by else None)
+            if target is not None:
+                log.info("encoder {encoder_id} ({software}) from {peer} placed on {target}",
+                         encoder_id=record.encoder_id, software=msg.software,
+                         peer=_peer(self), target=target.server_id)
+                # The list first: it names this server, for the encoder's placed_by.
+                self.send(m.ServerList(core.servers()))
+                self.send(m.EncoderRedirect(target, m.RedirectReason.PLACEMENT))
+                self.close()
+                return
+            log.info("encoder {encoder_id} ({software}) connected from {peer}{placed}",
+                     encoder_id=record.encoder_id, software=msg.software, peer=_peer(self),
+                     placed=f", placed by {msg.placed_by}" if msg.placed_by else "")
             self.session = core.encoder_connected(record.encoder_id, record.name,
                                                   record.domain, self)
             self.send(m.EncoderAuthOk(self.session.ticket, self.keepalive_ms,

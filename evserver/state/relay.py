@@ -35,6 +35,8 @@ class ILink(Protocol):
 
     def close_with_error(self, code: ErrorCode, message: str) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class IRegistry(Protocol):
     """The registered encoders (the store)."""
@@ -265,6 +267,7 @@ class ViewerSession:
         for channel in self.watching.values():
             channel.stream.remove_viewer(feed)
         feed.close()
+        self.core._bytes_out_done += feed.bytes_written
 
 
 class RelayCore:
@@ -293,6 +296,11 @@ class RelayCore:
         self.locations = Directory(server_id)
         #: Called with each Location this server announces (the cluster sends it on).
         self.on_announce: Callable[[Location], None] | None = None
+        #: Set by the cluster: (encoder_id, domain) -> the server that should host
+        #: an encoder that authenticated here, or None to keep it (see balancing).
+        self.placement: Callable[[str, str], m.ServerInfo | None] | None = None
+        #: Bytes written to viewer feeds that have ended (see ``bytes_out``).
+        self._bytes_out_done = 0
         self.encoders: dict[str, EncoderSession] = {}
         self.viewers: set[ViewerSession] = set()
         self.channels: dict[str, Channel] = {}
@@ -554,6 +562,19 @@ class RelayCore:
         for encoder in list(self.encoders.values()):
             encoder.link.close_with_error(ErrorCode.SHUTTING_DOWN, "server shutting down")
             self.encoder_disconnected(encoder)
+
+    def redirect_encoder(self, session: EncoderSession, server: m.ServerInfo,
+                         reason: int) -> None:
+        """Send an encoder to another server (a balancer's move); its session ends here."""
+        if session.closed:
+            return
+        session.link.send(m.EncoderRedirect(server, reason))
+        session.link.close()
+
+    def bytes_out(self) -> int:
+        """Video bytes written to viewers since the start (a monotonic counter)."""
+        return self._bytes_out_done + sum(v.feed.bytes_written for v in self.viewers
+                                          if v.feed is not None)
 
     def stats(self) -> dict[str, int]:
         return {

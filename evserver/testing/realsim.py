@@ -105,10 +105,10 @@ from evserver.net.client import (
 from evserver.net.connection import WireConnection
 from evserver.net.server import ServerSettings
 from evserver.state import membership as ms
+from evserver.state.balance import BalanceSettings
 from evserver.state.fanout import ViewerFeed
 from evserver.state.hlc import Stamp
 from evserver.state.keepalive import Keepalive
-from evserver.state.balance import BalanceSettings
 from evserver.state.membership import Membership, MembershipSettings, PeerState
 from evserver.state.relay import Channel, Limits
 from evserver.state.replica import Update
@@ -539,8 +539,7 @@ class RealCluster:
             identity, data_dir, external_address(host), f"tcp:{PEER_PORT}", server.core, store,
             clock,
             settings=self.membership_settings, connector=connector, listen=listen,
-            max_servers=self.max_servers,
-            **({"balance": self.balance} if self.balance is not None else {}),
+            max_servers=self.max_servers, balance=self.balance,
             rng=random.Random(self._seed()),
             incarnation=int(self.clock.seconds() * 1_000_000) + incarnations,
             trace=self.trace)

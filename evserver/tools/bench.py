@@ -1010,6 +1010,10 @@ def build_parser() -> argparse.ArgumentParser:
         "failover", add_help=False,
         help="time from a server's death (SIGKILL, SIGSTOP) to video at every viewer, on a "
              "real local cluster (ev-bench failover --help)")
+    sub.add_parser(
+        "rebalance", add_help=False,
+        help="time from a lost server's return to a balanced cluster, and the moves, on a "
+             "real local cluster (ev-bench rebalance --help)")
     relay.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     relay.add_argument("--duration", type=_positive_float, default=DEFAULT_DURATION,
                        help="seconds measured per run (default %(default)s)")
@@ -1114,6 +1118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from evserver.tools.failover import main as failover_main
 
         return failover_main(args_list[1:])
+    if args_list[:1] == ["rebalance"]:
+        # Its own options too: ev-bench rebalance --help.
+        from evserver.tools.rebalance import main as rebalance_main
+
+        return rebalance_main(args_list[1:])
     if args_list[:1] == ["_loadgen"]:
         if len(args_list) != 2:
             print("usage: ev-bench _loadgen SPEC.json (internal)", file=sys.stderr)

@@ -214,6 +214,9 @@ class ViewerChild:
         self.last: dict[tuple[int, str], float] = {}
         self.frames = 0
         self.marks: dict[int, _Mark] = {}
+        #: Since when the longest pause per pair is tracked (``gaps-start``), and those pauses.
+        self.gaps_since: float | None = None
+        self.gaps: dict[tuple[int, str], float] = {}
         self._status_call: Any = None
 
     def start(self) -> None:
@@ -244,6 +247,10 @@ class ViewerChild:
             return
         now = self.wallclock()
         self.frames += 1
+        if self.gaps_since is not None:
+            pause = now - max(self.last.get(pair, self.gaps_since), self.gaps_since)
+            if pause > self.gaps.get(pair, 0.0):
+                self.gaps[pair] = pause
         self.last[pair] = now
         recent.append((capture_us, now))
         for mark in list(self.marks.values()):
@@ -268,6 +275,22 @@ class ViewerChild:
                 self._report(mark.mark_id)
         elif kind == "report":
             self._report(int(cmd["id"]))
+        elif kind == "gaps-start":
+            self.gaps_since, self.gaps = self.wallclock(), {}
+        elif kind == "gaps":
+            self._report_gaps(int(cmd["id"]))
+
+    def _report_gaps(self, report_id: int) -> None:
+        """The longest pause of each pair since ``gaps-start`` (ongoing pauses included)."""
+        now = self.wallclock()
+        since = self.gaps_since if self.gaps_since is not None else now
+        pauses = {pair: max(self.gaps.get(pair, 0.0),
+                            now - max(self.last.get(pair, since), since))
+                  for pair in self.pairs}
+        worst = max(pauses, key=lambda pair: pauses[pair], default=None)
+        self.emit({"event": "gaps", "id": report_id, "since": since, "t": now,
+                   "max_gap_s": pauses[worst] if worst is not None else 0.0,
+                   "worst": f"v{worst[0]}/{worst[1]}" if worst is not None else None})
 
     def _report(self, mark_id: int) -> None:
         mark = self.marks.pop(mark_id, None)
@@ -500,7 +523,7 @@ class FailoverBench:
                  root: Path | None = None, trial_timeout: float = TRIAL_TIMEOUT,
                  log: Callable[[str], None] | None = None, cluster: LocalCluster | None = None,
                  ev_encoder: bool = False, client_prefix: Sequence[str] = (),
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, watched: int | None = None) -> None:
         if cluster is not None:
             servers, root, tls = cluster.size, cluster.root, cluster.tls
         if servers < 2:
@@ -522,6 +545,9 @@ class FailoverBench:
         #: The clients log their events into ROOT/<child>.log.
         self.verbose = verbose
         self.encoder_ids = encoder_ids(encoders, ENCODER_PREFIX)
+        #: The encoders the viewers watch (all by default; the others stay idle).
+        self.watched_ids = self.encoder_ids[:watched] if watched is not None else \
+            list(self.encoder_ids)
         self.encoders: Child | None = None
         self.encoder_tools: list[subprocess.Popen[bytes]] = []
         self.viewers: Child | None = None
@@ -537,6 +563,7 @@ class FailoverBench:
         c.wait_whole()
         tls = c.client_tls_args()
         ids = ",".join(self.encoder_ids)
+        watched = ",".join(self.watched_ids)
         viewer_args = [arg for k in range(self.size)
                        for arg in ("--server", c.servers[k].address("viewer"))]
         if self.ev_encoder:
@@ -549,7 +576,7 @@ class FailoverBench:
                 "_encoders", *encoder_args, *tls, "--secrets-file", str(c.secrets_path),
                 "--encoders", ids, "--fps", str(self.fps), "--bitrate", str(self.bitrate_bps)])
         self.viewers = self._spawn("viewers", [
-            "_viewers", *viewer_args, *tls, "--encoders", ids,
+            "_viewers", *viewer_args, *tls, "--encoders", watched,
             "--viewers", str(self.viewer_count)])
         self.wait_steady(SETUP_TIMEOUT)
 
