@@ -37,21 +37,26 @@ from twisted.test import iosim
 from evserver import __version__, tls
 from evserver.admin import ReloadingTLSOptions, make_admin_site
 from evserver.admin.auth import LOGIN_COOKIE, SESSION_COOKIE
+from evserver.admin.msr import connected_encoder_json, connected_viewer_json
 from evserver.admin.site import AdminSite
 from evserver.admin.web import MAX_BODY_BYTES
 from evserver.cluster.ca import ClusterIdentity, create_cluster, load_identity
 from evserver.cluster.join import load_tokens
+from evserver.cluster.probes import PeerProbes, local_connections
 from evserver.cluster.service import ClusterService, MemberRecord
 from evserver.cluster.tokens import JoinToken, check_token
 from evserver.config import ServerConfig
 from evserver.passwords import hash_password
+from evserver.state.bandwidth import Measurement
 from evserver.state.directory import Location
 from evserver.state.hlc import Stamp
 from evserver.state.membership import PeerState, PeerView
 from evserver.state.relay import Limits, RelayCore
 from evserver.state.replica import Update
 from evserver.store import Store
+from evserver.wire import messages as wire_messages
 from evserver.wire import peer as p
+from evserver.wire.framing import ProtocolName
 from evserver.wire.messages import EncoderState
 
 T0 = 1_700_000_000.0
@@ -125,7 +130,10 @@ class Client:
         self.csrf: str | None = None
 
     def request(self, method: str, path: str, body: bytes = b"",
-                headers: dict[str, str] | None = None, cookies: bool = True) -> Reply:
+                headers: dict[str, str] | None = None, cookies: bool = True,
+                meanwhile: Any = None) -> Reply:
+        """``meanwhile()``, if given, runs after the request is sent and before the
+        response is read (a page waiting for a peer's answer: advance the clock)."""
         peer = IPv4Address("TCP", self.address, 50000)
         protocol = self.site.buildProtocol(peer)
         transport = StringTransport(peerAddress=peer,
@@ -139,6 +147,8 @@ class Client:
             all_headers.setdefault("Content-Length", str(len(body)))
         lines += [f"{k}: {v}" for k, v in all_headers.items()]
         protocol.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body)
+        if meanwhile is not None:
+            meanwhile()
         reply = parse_response(transport.value())
         protocol.connectionLost(Failure(ConnectionError("done")))
         for cookie in reply.headers.get("set-cookie", []):
@@ -163,14 +173,15 @@ class Client:
                             {"Content-Type": "application/x-www-form-urlencoded"}, **kw)
 
     def api(self, method: str, path: str, data: Any = None, csrf: bool = True,
-            raw: bytes | None = None, content_type: str = "application/json") -> Reply:
+            raw: bytes | None = None, content_type: str = "application/json",
+            meanwhile: Any = None) -> Reply:
         headers = {}
         if csrf and self.csrf is not None:
             headers["X-CSRF-Token"] = self.csrf
         body = raw if raw is not None else (b"" if data is None else json.dumps(data).encode())
         if body or method != "GET":
             headers["Content-Type"] = content_type
-        return self.request(method, path, body, headers)
+        return self.request(method, path, body, headers, meanwhile=meanwhile)
 
     def login(self, name: str = "root", password: str = ADMIN_PASSWORD,
               next_path: str | None = None) -> Reply:
@@ -1479,8 +1490,8 @@ def test_the_servers_of_the_cluster_with_state_load_and_warnings(world: World,
         "server_id": "srv-2", "this": False, "state": "alive", "address": "192.0.2.20",
         "peer_address": "192.0.2.20:47100", "admin_url": "https://192.0.2.20:9443/",
         "load": {"encoders": 4, "streaming": 2, "viewers": 9}, "rtt_ms": 12.3,
-        "offset_ms": -3.2, "connected": True, "warnings": [], "removable": True,
-        "weight": 1.0}
+        "offset_ms": -3.2, "bandwidth": None, "connected": True, "warnings": [],
+        "removable": True, "weight": 1.0}
     assert rows["srv-3"]["state"] == "suspect"
     assert rows["srv-3"]["admin_url"] == "https://edge3.example:9444/"
     assert rows["srv-3"]["warnings"] == ["RTT 140 ms exceeds 100 ms.",
@@ -1541,10 +1552,15 @@ def test_clicking_another_server_shows_the_encoders_it_hosts(world: World,
     assert 'data-live-src="/api/servers/srv-2"' in page
     data = client.api("GET", "/api/servers/srv-2").json()
     assert data["server"]["state"] == "alive" and data["viewers"] is None
+    unknown = {"viewers": None, "frames_in": None, "bytes_in": None}  # only srv-2 knows
     assert data["encoders"] == [
-        {"encoder_id": "cam-2", "name": "cam-2", "domain": "ops", "state": "streaming"},
-        {"encoder_id": "cam-3", "name": "Loading bay", "domain": "ops", "state": "online"},
-        {"encoder_id": "cam-gone", "name": "cam-gone", "domain": None, "state": "online"}]
+        {"encoder_id": "cam-2", "name": "cam-2", "domain": "ops", "state": "streaming",
+         **unknown},
+        {"encoder_id": "cam-3", "name": "Loading bay", "domain": "ops", "state": "online",
+         **unknown},
+        {"encoder_id": "cam-gone", "name": "cam-gone", "domain": None, "state": "online",
+         **unknown}]
+    assert data["report"] is None  # this cluster service cannot ask its peers
     here = client.api("GET", "/api/servers/srv-1").json()
     assert [e["encoder_id"] for e in here["encoders"]] == ["cam-1"]
     assert [v["account"] for v in here["viewers"]] == ["alice"]
@@ -1665,12 +1681,315 @@ def test_openapi_schemas_name_the_fields_the_cluster_api_sends(world: World,
         assert row["state"] in schemas["ServerSummary"]["properties"]["state"]["enum"]
         assert row["load"] is None or set(row["load"]) == keys("ServerLoad")
     one = client.api("GET", "/api/servers/srv-2").json()
-    assert set(one) == {"server", "encoders", "viewers"}
+    assert set(one) == {"server", "encoders", "viewers", "report"}
     assert set(one["encoders"][0]) == keys("HostedEncoder")
     token = client.api("POST", "/api/msr/tokens").json()
     assert set(token) == {"token", "token_id", "expires", "command"}
     assert set(client.api("GET", "/api/server").json()["cluster"]) == set(
         schemas["Server"]["properties"]["cluster"]["properties"])
+
+
+# -- what other servers report over the peer link: bandwidth and connections -----------
+
+
+class PeerConn:
+    """A peer connection as PeerProbes uses it: each message is encoded, decoded as the
+    peer protocol does and offered to the other side's frame() (at once, at ``mbps``, or
+    never when ``cut``)."""
+
+    def __init__(self, clock: Clock, me: str, is_server: bool) -> None:
+        self.clock = clock
+        self.me = me
+        self.is_server = is_server
+        self.to: PeerProbes | None = None
+        self.back: PeerConn | None = None
+        self.cut = False
+        self.mbps: float | None = None
+        self.busy_until = 0.0
+        self.sent: list[Any] = []
+
+    def send(self, msg: Any) -> None:
+        raw = wire_messages.encode(msg)
+        self.sent.append(msg)
+        if self.cut:
+            return
+        decoded = wire_messages.decode_for(ProtocolName.PEER, self.is_server, raw[4], raw[5:])
+        if self.mbps is None:
+            self.deliver(decoded)
+            return
+        now = self.clock.seconds()
+        self.busy_until = max(now, self.busy_until) + len(raw) * 8 / (self.mbps * 1e6)
+        self.clock.callLater(self.busy_until - now, self.deliver, decoded)
+
+    def deliver(self, msg: Any) -> None:
+        assert self.to is not None
+        assert self.to.frame(self.me, self.back, msg), msg
+
+
+@attrs.define
+class RemoteServer:
+    """Another server of the cluster behind the peer link: its own relay core and probes."""
+
+    server_id: str
+    reactor: Clock
+    core: RelayCore
+    connections: dict[str, PeerConn]
+    membership: FakeMembership
+    probes: PeerProbes | None = None
+
+    @property
+    def link(self) -> PeerConn:
+        """This server's connection to it."""
+        back = self.connections["srv-1"].back
+        assert back is not None
+        return back
+
+
+def linked_peer(world: World, cluster: FakeCluster, server_id: str) -> RemoteServer:
+    """Give the fake cluster real PeerProbes (once) and link it to a new remote server."""
+    if getattr(cluster, "probes", None) is None:
+        cluster.reactor = world.clock  # type: ignore[attr-defined]
+        cluster.core = world.core  # type: ignore[attr-defined]
+        cluster.probes = PeerProbes(cluster)  # type: ignore[attr-defined]
+        cluster.probes.start()  # type: ignore[attr-defined]
+    cluster.add(server_id, PeerState.ALIVE, "192.0.2.20", rtt=12.0, offset=1.0)
+    remote = RemoteServer(server_id, world.clock,
+                          RelayCore(world.clock, server_id, None, lambda: (),  # type: ignore[arg-type]
+                                    Limits()), {}, FakeMembership())
+    remote.probes = PeerProbes(remote)
+    remote.probes.start()
+    ours, theirs = PeerConn(world.clock, "srv-1", False), PeerConn(world.clock, server_id, True)
+    ours.to, ours.back = remote.probes, theirs
+    theirs.to, theirs.back = cluster.probes, ours  # type: ignore[attr-defined]
+    cluster.connections[server_id] = ours
+    remote.connections["srv-1"] = theirs
+    # As the cluster services do when the handshake is done.
+    cluster.probes.link_up(server_id)  # type: ignore[attr-defined]
+    remote.probes.link_up("srv-1")
+    return remote
+
+
+def fill_remote(remote: RemoteServer, name: str = "Front door", domain: str = "ops",
+                account: str = "zoë", encoder_id: str = "cam-1") -> None:
+    front = remote.core.encoder_connected(encoder_id, name, domain, FakeLink())
+    remote.core.encoder_connected("cam-7", "Entrée nord", "ops", FakeLink())
+    viewer = remote.core.viewer_connected(account, domain, FakeLink())
+    viewer.attach_relay(object(), FakeSink())  # type: ignore[arg-type]
+    viewer.watch(1, encoder_id)
+    front.media(True, b"k" * 1000)
+    front.media(False, b"d" * 500)
+    remote.core.viewer_connected("bob", "west", FakeLink())
+
+
+def test_another_servers_page_lists_the_encoders_and_viewers_it_reports(
+        world: World, client: Client) -> None:
+    cluster = enabled_world(world, client)
+    remote = linked_peer(world, cluster, "srv-2")
+    fill_remote(remote)
+    # The directory would say otherwise: what srv-2 itself says wins.
+    world.core.remote_locations([Location("cam-9", "srv-2", Stamp(1, 0, "srv_2"), 0,
+                                          EncoderState.ONLINE)])
+    data = client.api("GET", "/api/servers/srv-2").json()
+    assert data["report"] == {
+        "answered": True, "at": T0, "truncated": False,
+        "text": "As reported by srv-2 at 22:13:20 UTC."}
+    assert data["encoders"] == [
+        {"encoder_id": "cam-1", "name": "Front door", "domain": "ops", "state": "streaming",
+         "viewers": 1, "frames_in": 2, "bytes_in": 1500},
+        {"encoder_id": "cam-7", "name": "Entrée nord", "domain": "ops", "state": "online",
+         "viewers": 0, "frames_in": 0, "bytes_in": 0}]
+    bob, zoe = data["viewers"]
+    assert bob == {"account": "bob", "domain": "west", "watching": [],
+                   "relay_connected": False, "queued_bytes": 0, "frames_out": 0,
+                   "bytes_out": 0, "frames_skipped": 0}
+    assert (zoe["account"], zoe["watching"], zoe["relay_connected"]) == ("zoë", ["cam-1"],
+                                                                          True)
+    link = remote.link
+    assert [type(msg) for msg in link.sent] == [p.ConnectionsRequest]
+    page = client.get("/servers/srv-2").text
+    assert "As reported by srv-2 at 22:13:20 UTC." in page
+    encoders = page.split("Connected encoders")[1].split("Connected viewers")[0]
+    assert '<a href="/encoders/cam-1">cam-1</a>' in encoders and "cam-9" not in encoders
+    assert "1.5 KiB" in encoders and "badge state-streaming" in encoders
+    viewers = page.split("Connected viewers")[1]
+    assert '<a href="/accounts/zo%C3%AB">zoë</a>' in viewers
+    assert '<a href="/accounts/bob">bob</a>' in viewers
+    # Its own admin site stays a click away.
+    assert 'href="https://192.0.2.20:9443/servers/srv-2" id="own-admin-page"' in page
+    assert 'data-live-key="report.text"' in page and 'data-live-list="viewers"' in page
+    # The page's refreshes within a second reuse that answer; later ones ask again.
+    client.api("GET", "/api/servers/srv-2")
+    assert len(link.sent) == 1
+    world.clock.advance(1)
+    client.api("GET", "/api/servers/srv-2")
+    assert len(link.sent) == 2
+
+
+def test_a_remote_list_has_the_rows_of_that_servers_own_page(world: World,
+                                                           client: Client) -> None:
+    """What a server answers is what its own page shows (the columns both pages have)."""
+    connect_encoder_and_viewer(world)
+    world.core.viewer_connected("bob", "ops", FakeLink())
+    answer = local_connections(world.core, 1)
+    own = client.api("GET", "/api/servers/srv-1").json()
+    assert [connected_encoder_json(e) for e in answer.encoders] == own["encoders"]
+    assert [connected_viewer_json(v) for v in answer.viewers] == own["viewers"]
+
+
+def test_a_server_that_does_not_answer_is_said_so_after_two_seconds(world: World,
+                                                                   client: Client) -> None:
+    cluster = enabled_world(world, client)
+    remote = linked_peer(world, cluster, "srv-2")
+    fill_remote(remote)
+    remote.link.cut = True  # srv-2 hears nothing from here
+    world.store.add_encoder("ops", "cam-3", "Loading bay")
+    world.core.remote_locations([Location("cam-3", "srv-2", Stamp(1, 0, "srv_2"), 0,
+                                          EncoderState.ONLINE)])
+    reply = client.request("GET", "/servers/srv-2", meanwhile=lambda: world.clock.advance(2))
+    assert reply.status == 200
+    page = reply.text
+    assert "srv-2 did not answer" in page
+    assert '<a href="/encoders/cam-3">cam-3</a>' in page  # the directory's, instead
+    assert 'id="own-admin-page"' in page
+    data = client.api("GET", "/api/servers/srv-2",
+                      meanwhile=lambda: world.clock.advance(2)).json()
+    assert data["report"]["answered"] is False and data["report"]["at"] is None
+    assert data["viewers"] is None
+    assert [e["encoder_id"] for e in data["encoders"]] == ["cam-3"]
+    assert data["encoders"][0]["frames_in"] is None
+    # A server without a link answers nothing, at once.
+    cluster.add("srv-4", PeerState.DEAD, "192.0.2.40")
+    data = client.api("GET", "/api/servers/srv-4").json()
+    assert data["report"]["answered"] is False
+
+
+def test_the_page_waits_for_the_answer_and_writes_nothing_before(world: World,
+                                                                 client: Client) -> None:
+    cluster = enabled_world(world, client)
+    remote = linked_peer(world, cluster, "srv-2")
+    remote.link.cut = True
+    seen: list[bytes] = []
+    peer = IPv4Address("TCP", client.address, 50000)
+    protocol = world.site.buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer)
+    protocol.makeConnection(transport)
+    cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+    protocol.dataReceived(f"GET /servers/srv-2 HTTP/1.1\r\nHost: admin.test\r\n"
+                          f"Cookie: {cookie}\r\n\r\n".encode())
+    world.clock.advance(1.75)
+    seen.append(transport.value())
+    world.clock.advance(0.25)
+    assert seen == [b""]
+    assert b"srv-2 did not answer" in transport.value()
+    protocol.connectionLost(Failure(ConnectionError("done")))
+
+
+@pytest.mark.parametrize("nasty", NASTY)
+def test_what_another_server_reports_is_escaped(world: World, client: Client,
+                                                nasty: str) -> None:
+    cluster = enabled_world(world, client)
+    remote = linked_peer(world, cluster, "srv-2")
+    fill_remote(remote, name=nasty, domain=nasty, account=nasty, encoder_id=nasty)
+    reply = client.get("/servers/srv-2")
+    assert reply.status == 200
+    assert_inert(reply.text, nasty)
+    assert f'href="/encoders/{quote(nasty, safe="")}"' in reply.text
+    data = client.api("GET", "/api/servers/srv-2").json()
+    assert nasty in {e["name"] for e in data["encoders"]}
+    assert nasty in {v["account"] for v in data["viewers"]}
+
+
+def run_until_quiet(clock: Clock, until: float) -> None:
+    """Run each delayed call at its own time (so frames are timed exactly), up to ``until``."""
+    while True:
+        due = [c.getTime() for c in clock.getDelayedCalls()]
+        if not due or min(due) > until:
+            break
+        clock.advance(max(min(due) - clock.seconds(), 0))
+
+
+def test_bandwidth_is_measured_shown_and_warned_about(world: World, client: Client) -> None:
+    cluster = enabled_world(world, client)
+    slow = linked_peer(world, cluster, "srv-2")
+    fair = linked_peer(world, cluster, "srv-3")
+    fast = linked_peer(world, cluster, "srv-5")
+    slow.link.mbps, fair.link.mbps, fast.link.mbps = 8.0, 30.0, 400.0
+    for remote in (slow, fair, fast):
+        assert remote.probes is not None
+        remote.probes.stop()  # only this server probes here
+    data = client.api("GET", "/api/servers").json()
+    assert all(r["bandwidth"] is None for r in data["servers"])  # not measured yet
+    assert cluster.probes.bandwidth == {}  # type: ignore[attr-defined]
+    run_until_quiet(world.clock, T0 + 10)
+    data = client.api("GET", "/api/servers").json()
+    rows = {r["server_id"]: r for r in data["servers"]}
+    assert rows["srv-1"]["bandwidth"] is None
+    assert rows["srv-2"]["bandwidth"]["mbps"] == 8.0
+    assert rows["srv-3"]["bandwidth"]["mbps"] == 30.0
+    assert rows["srv-5"]["bandwidth"]["mbps"] == 400.0
+    assert all(rows[sid]["bandwidth"]["measured_at"] > T0 + 5
+               for sid in ("srv-2", "srv-3", "srv-5"))
+    # The cross-check takes off the 12 ms round trip the fake membership claims, on a
+    # link that has none: a little higher than the receiver's figure, and none at all
+    # when the whole probe took less than that (400 Mbit/s: 5 ms).
+    assert 8.0 < rows["srv-2"]["bandwidth"]["sender_mbps"] < 9.0
+    assert rows["srv-5"]["bandwidth"]["sender_mbps"] is None
+    assert data["warnings"] == [
+        "srv-2: Link to srv-2 measured 8.0 Mbit/s: below the 10 Mbit/s minimum.",
+        "srv-3: Link to srv-3 measured 30.0 Mbit/s: below the 50 Mbit/s recommended."]
+    assert rows["srv-5"]["warnings"] == []
+    page = client.get("/msr").text
+    table = page.split('data-live-list="servers"')[1].split("</table>")[0]
+    assert 'data-key="bandwidth.mbps" data-format="mbps"' in table
+    assert "8.0 Mbit/s" in table and "30.0 Mbit/s" in table and "400.0 Mbit/s" in table
+    warnings = page.split('data-live-items="warnings"')[1].split("</ul>")[0]
+    assert "below the 10 Mbit/s minimum" in warnings
+    assert "Each server measures the round trip, the clock offset and the bandwidth" in page
+    remote_page = client.get(  # the request crosses the slow link too
+        "/servers/srv-2",
+        meanwhile=lambda: run_until_quiet(world.clock, world.clock.seconds() + 1)).text
+    assert "8.0 Mbit/s" in remote_page and "As reported by srv-2" in remote_page
+    # A link that is down shows no figure and no bandwidth warning.
+    cluster.membership.views["srv-2"] = PeerView(PeerState.DEAD, 7, None, None)
+    del cluster.connections["srv-2"]
+    row = client.api("GET", "/api/servers/srv-2").json()["server"]
+    assert row["bandwidth"] is None
+    assert not any("Mbit/s" in w for w in row["warnings"])
+
+
+def test_a_late_figure_of_a_server_is_its_latest_probe(world: World, client: Client) -> None:
+    cluster = enabled_world(world, client)
+    linked_peer(world, cluster, "srv-2")
+    probes = cluster.probes  # type: ignore[attr-defined]
+    probes.prober.results["srv-2"] = Measurement(61.25, None, 196608, 25679, T0)
+    row = client.api("GET", "/api/servers/srv-2").json()["server"]
+    assert row["bandwidth"] == {"mbps": 61.2, "sender_mbps": None, "measured_at": T0}
+    assert row["warnings"] == []
+
+
+def test_openapi_schemas_name_what_other_servers_report(world: World, client: Client) -> None:
+    import yaml  # a test dependency (PyYAML)
+    schemas = yaml.safe_load(API_DOC.read_text(encoding="utf-8"))["components"]["schemas"]
+
+    def keys(name: str) -> set[str]:
+        return set(schemas[name]["properties"])
+
+    cluster = enabled_world(world, client)
+    remote = linked_peer(world, cluster, "srv-2")
+    fill_remote(remote)
+    remote.link.mbps = 20.0
+    assert remote.probes is not None
+    remote.probes.stop()
+    run_until_quiet(world.clock, T0 + 10)
+    one = client.api("GET", "/api/servers/srv-2", meanwhile=lambda: run_until_quiet(
+        world.clock, world.clock.seconds() + 1)).json()
+    assert set(one) == {"server", "encoders", "viewers", "report"}
+    assert set(one["server"]) == keys("ServerSummary")
+    assert set(one["server"]["bandwidth"]) == keys("Bandwidth")
+    assert set(one["report"]) == keys("ConnectionsReport")
+    assert all(set(e) == keys("HostedEncoder") for e in one["encoders"])
+    assert all(set(v) == keys("Viewer") for v in one["viewers"])
+
 
 
 # -- server pools and capacity weights ------------------------------------------------

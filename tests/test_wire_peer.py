@@ -174,6 +174,7 @@ def _trailing_bytes_are_malformed(msg: Any) -> None:
 _COMMON = {"Error", "Ping", "Pong"}
 _SYMMETRIC = {
     "Heartbeat", "HeartbeatAck", "ProbeRequest", "ProbeReply", "MemberList", "Leave",
+    "BandwidthProbe", "BandwidthReport", "ConnectionsRequest", "Connections",
     "Updates", "DigestRequest", "Digest", "Directory", "MoveRequest", "MoveResult",
 }
 EXPECTED = {
@@ -193,7 +194,9 @@ def test_type_numbers() -> None:
     assert numbers == {
         "PeerHello": 0x50, "PeerWelcome": 0x51, "Heartbeat": 0x52, "HeartbeatAck": 0x53,
         "ProbeRequest": 0x54, "ProbeReply": 0x55, "MemberList": 0x56, "Leave": 0x57,
-        "Updates": 0x60, "DigestRequest": 0x61, "Digest": 0x62, "Directory": 0x68,
+        "BandwidthProbe": 0x58, "BandwidthReport": 0x59, "ConnectionsRequest": 0x5A,
+        "Connections": 0x5B, "Updates": 0x60, "DigestRequest": 0x61, "Digest": 0x62,
+        "Directory": 0x68,
         "MoveRequest": 0x69, "MoveResult": 0x6A, "JoinRequest": 0x70, "JoinAccept": 0x71,
     }
     assert 0x7F not in m.MESSAGES  # reserved; framing.rst's "unknown-type" vector uses it
@@ -791,6 +794,171 @@ def test_spec_fingerprint_is_the_replicas(
 
 
 # --------------------------------------------------------------------------
+# Link measurements and connection lists (peer.rst)
+
+NEW_TYPES = [peer.BandwidthProbe, peer.BandwidthReport, peer.ConnectionsRequest,
+             peer.Connections]
+
+
+def test_probe_frames_are_the_documented_size() -> None:
+    frames = peer.probe_frames(9, 4, 64 * 1024)
+    assert [(f.probe_id, f.index, f.count) for f in frames] == [(9, i, 4) for i in range(4)]
+    for f in frames:
+        raw = m.encode(f)
+        assert len(raw) == 64 * 1024 == peer.probe_frame_size(f)
+        assert roundtrip(f) == f
+    assert sum(len(m.encode(f)) for f in frames) == peer.BATCH_BYTES  # as an Updates batch
+    # The largest and the smallest frame; a probe of 2 to 255 frames.
+    biggest = peer.probe_frames(1, 2, peer.PROBE_FRAME_OVERHEAD + 0xFFFF)[0]
+    assert len(m.encode(biggest)) == peer.PROBE_FRAME_OVERHEAD + 0xFFFF
+    assert len(m.encode(peer.probe_frames(1, 255, peer.PROBE_FRAME_OVERHEAD)[254])) == 13
+    for count, size in ((1, 1000), (256, 1000), (4, 12), (4, peer.PROBE_FRAME_OVERHEAD + 0x10000)):
+        with pytest.raises(ValueError):
+            peer.probe_frames(1, count, size)
+
+
+def test_a_probe_frame_fits_after_the_handshake_only() -> None:
+    """A 64 KiB probe frame is over the handshake limit by nothing, and 1 MiB is far off."""
+    frame = m.encode(peer.probe_frames(1, 4, 64 * 1024)[0])
+    (length,) = struct.unpack_from("!I", frame)
+    assert length < peer.HANDSHAKE_FRAME_LIMIT < peer.FRAME_LIMIT
+
+
+def _encoder(i: int, name: str = "Front door") -> peer.ConnectedEncoder:
+    return peer.ConnectedEncoder(f"cam-{i:05d}", name, "ops", EncoderState.STREAMING, 3, i, i * 7)
+
+
+def _viewer(i: int, watching: int = 1) -> peer.ConnectedViewer:
+    return peer.ConnectedViewer(f"viewer-{i:05d}", "ops",
+                                tuple(peer.Watched(f"cam-{j:05d}") for j in range(watching)),
+                                1, 0, i, i * 100, 0)
+
+
+def test_pack_connections_keeps_everything_that_fits() -> None:
+    encoders = [_encoder(i) for i in range(3)]
+    viewers = [_viewer(i, 2) for i in range(2)]
+    msg = peer.pack_connections(7, encoders, viewers)
+    assert msg == peer.Connections(7, tuple(encoders), tuple(viewers), 0)
+    assert roundtrip(msg) == msg
+    assert peer.pack_connections(8, [], []) == peer.Connections(8, (), (), 0)
+
+
+def test_pack_connections_caps_each_list_at_2000() -> None:
+    msg = peer.pack_connections(1, (_encoder(i, "") for i in range(2500)),
+                                (_viewer(i, 0) for i in range(10)))
+    assert len(msg.encoders) == 2000 and msg.encoders[-1] == _encoder(1999, "")
+    assert len(msg.viewers) == 10 and msg.truncated == 1
+    assert _size(msg) <= peer.BATCH_BYTES
+    assert roundtrip(msg) == msg
+
+
+def test_pack_connections_worst_case_stays_within_the_frame_budget() -> None:
+    """Names of 64 four-byte characters and viewers watching 64 encoders: 2 000 of each
+    would be about 11 MiB; the answer is cut at 256 KiB, encoders to half of it."""
+    long_name = "\U0001F600" * 64
+    encoders = [peer.ConnectedEncoder(f"cam-{i:060d}", long_name, long_name, 1, 0, 0, 0)
+                for i in range(2000)]
+    viewers = [peer.ConnectedViewer(long_name + str(i), long_name,
+                                    tuple(peer.Watched(f"cam-{j:060d}") for j in range(64)),
+                                    0, 0, 0, 0, 0) for i in range(2000)]
+    msg = peer.pack_connections(1, encoders, viewers)
+    assert msg.truncated == 1
+    raw = m.encode(msg)
+    assert len(raw) <= peer.BATCH_BYTES
+    assert 0 < len(msg.encoders) < 2000 and 0 < len(msg.viewers) < 2000
+    encoder_bytes = sum(len(m.encode(peer.Connections(0, (e,), (), 0))) - 14
+                        for e in msg.encoders)
+    assert encoder_bytes <= (peer.BATCH_BYTES - 14) // 2
+    assert msg.encoders == tuple(encoders[: len(msg.encoders)])  # a prefix, in order
+    assert m.decode(*split(raw)) == msg
+    # A much smaller budget, and a refusal of silly ones.
+    small = peer.pack_connections(1, encoders, viewers, max_bytes=4096)
+    assert len(m.encode(small)) <= 4096 and small.truncated == 1
+    for bad in (255, peer.FRAME_LIMIT + 5):
+        with pytest.raises(ValueError):
+            peer.pack_connections(1, [], [], max_bytes=bad)
+    with pytest.raises(ValueError):
+        peer.pack_connections(1, [], [], max_entries=2001)
+
+
+def test_pack_connections_skips_what_cannot_be_encoded() -> None:
+    bad = peer.ConnectedEncoder("cam-1", "bell\x07", "ops", 1, 0, 0, 0)
+    msg = peer.pack_connections(1, [bad, _encoder(2)], [])
+    assert msg.encoders == (_encoder(2),) and msg.truncated == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    encoders=st.lists(record_strategy(peer.ConnectedEncoder), max_size=30),
+    viewers=st.lists(record_strategy(peer.ConnectedViewer), max_size=30),
+    max_bytes=st.sampled_from([256, 400, 1000, 4096]),
+    max_entries=st.integers(0, 10),
+)
+def test_pack_connections_bounds(encoders: list[peer.ConnectedEncoder],
+                                 viewers: list[peer.ConnectedViewer], max_bytes: int,
+                                 max_entries: int) -> None:
+    msg = peer.pack_connections(3, encoders, viewers, max_entries, max_bytes)
+    assert _size(msg) <= max_bytes
+    assert len(msg.encoders) <= max_entries and len(msg.viewers) <= max_entries
+    assert msg.encoders == tuple(encoders[: len(msg.encoders)])
+    assert msg.viewers == tuple(viewers[: len(msg.viewers)])
+    complete = len(msg.encoders) == len(encoders) and len(msg.viewers) == len(viewers)
+    assert msg.truncated == int(not complete)
+    assert roundtrip(msg) == msg
+
+
+def test_connected_encoder_states_and_the_watch_limit() -> None:
+    assert peer.CONNECTED_STATE.values == {EncoderState.ONLINE, EncoderState.STREAMING}
+    with pytest.raises(ValueError):
+        m.encode(peer.Connections(1, (attrs.evolve(_encoder(1), state=0),), (), 0))
+    with pytest.raises(ValueError):
+        m.encode(peer.Connections(1, (), (_viewer(1, 65),), 0))
+    ok = peer.Connections(1, (), (_viewer(1, 64),), 0)
+    assert roundtrip(ok) == ok
+    with pytest.raises(ValueError):
+        m.encode(peer.Connections(1, (), (), 2))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(cls=st.sampled_from(NEW_TYPES), body=st.binary(max_size=200), from_server=st.booleans())
+def test_new_messages_refuse_random_bodies_cleanly(cls: type, body: bytes,
+                                                   from_server: bool) -> None:
+    """Arbitrary bytes as a body of each new type: a message that re-encodes to the
+    same bytes, or MALFORMED; never another exception."""
+    msg_type = cls.TYPE  # type: ignore[attr-defined]
+    try:
+        msg = m.decode_for(PEER, from_server, msg_type, body)
+    except ProtocolViolation as e:
+        assert e.code is ErrorCode.MALFORMED and e.fatal
+    else:
+        assert type(msg) is cls
+        assert m.encode(msg) == encode_frame(msg_type, body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    msg=st.one_of([record_strategy(cls) for cls in NEW_TYPES]),
+    cut=st.integers(0, 10_000),
+    junk=st.binary(min_size=1, max_size=8),
+)
+def test_new_messages_cut_or_padded_are_malformed(msg: Any, cut: int, junk: bytes) -> None:
+    msg_type, body = split(m.encode(msg))
+    with pytest.raises(m.Malformed):
+        m.decode(msg_type, body[: cut % len(body)] if body else b"")
+    with pytest.raises(m.Malformed):
+        m.decode(msg_type, body + junk)
+
+
+def test_connections_list_counts_over_the_limit_are_refused_on_the_count() -> None:
+    body = struct.pack("!IH", 1, 2001)  # 2 001 encoders announced, none sent
+    with pytest.raises(m.Malformed, match="exceeds 2000"):
+        m.decode(peer.Connections.TYPE, body)  # type: ignore[attr-defined]
+    body = struct.pack("!IHH", 1, 0, 2001)
+    with pytest.raises(m.Malformed, match="exceeds 2000"):
+        m.decode(peer.Connections.TYPE, body)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------
 # The peer vectors (test_wire_vectors.py checks them against the documents)
 
 
@@ -851,6 +1019,7 @@ def test_invalid_peer_vectors_cover_the_required_cases() -> None:
         "truncated-fingerprint": "MALFORMED",
         "digest-last-undefined": "MALFORMED",
         "pem-over-limit": "MALFORMED",
+        "connected-encoder-offline": "MALFORMED",
     }
     assert {k: names.get(k) for k in required} == required
     limits = {v["name"]: v["limit"] for v in VECTORS["invalid"]}

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
+from twisted.internet.defer import Deferred
 
 from evserver.admin.auth import SESSION_COOKIE
 from evserver.admin.changes import FieldError, check_field
@@ -174,17 +175,21 @@ class Api:
         return json_response({"servers": rows, "cluster": self.site.msr.status(),
                               "warnings": self.site.msr.warnings(rows)})
 
-    def cluster_server(self, call: Call) -> Response:
+    def cluster_server(self, call: Call) -> Response | Deferred[Response]:
+        """One server, and the encoders and viewers connected to it (another server is
+        asked over the peer link: up to 2 s)."""
         server_id = call.args[0]
         row = self.site.msr.server(server_id)
         if row is None:
             return json_error(404, f"no server {server_id!r} in this cluster")
-        this = server_id == self.site.config.server_id
-        return json_response({
-            "server": row,
-            "encoders": self.site.msr.hosted_encoders(server_id),
-            "viewers": self.view.viewers() if this else None,
-        })
+
+        def answer(connections: dict[str, Any]) -> Response:
+            return json_response({"server": row, **connections})
+
+        connections = self.site.msr.server_connections(server_id)
+        if isinstance(connections, Deferred):
+            return connections.addCallback(answer)
+        return answer(connections)
 
     def update_server(self, call: Call) -> Response:
         """Set a server's capacity weight: ``{"weight": number}``, null for the default."""

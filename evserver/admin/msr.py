@@ -10,7 +10,14 @@ makes is audited by its caller.
 
 The article's prerequisites are turned into warnings per server: a round
 trip over 100 ms and a clock offset over the threshold (measured by the
-membership), and reachability (a member this server has no link to).
+membership), the bandwidth of the link under 10 Mbit/s, or under the 50
+Mbit/s recommended (measured by the cluster's ``probes``,
+:class:`~evserver.cluster.probes.PeerProbes`), and reachability (a member
+this server has no link to).
+
+Another server's page lists the encoders and viewers connected to it as that
+server reports them when asked over the peer link (``probes.connections``);
+when it does not answer, the encoders the cluster's directory says it hosts.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable
 from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
 
 from evserver.admin.status import ENCODER_STATES, ServerView, url_host
 from evserver.cluster.ca import ClusterError, ClusterIdentity, load_identity
@@ -100,6 +109,34 @@ def utc_text(at: float) -> str:
     return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def clock_text(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%H:%M:%S UTC")
+
+
+def bandwidth_json(measurement: Any) -> dict[str, Any]:
+    """A link's latest bandwidth measurement (evserver.state.bandwidth.Measurement)."""
+    sender = measurement.sender_mbps
+    return {"mbps": round(measurement.mbps, 1),
+            "sender_mbps": round(sender, 1) if sender is not None else None,
+            "measured_at": measurement.at}
+
+
+def connected_encoder_json(e: Any) -> dict[str, Any]:
+    """An encoder another server reported (a ``ConnectedEncoder``), as this server's own rows."""
+    return {"encoder_id": e.encoder_id, "name": e.name, "domain": e.domain,
+            "state": ENCODER_STATES.get(e.state, "online"), "viewers": e.viewers,
+            "frames_in": e.frames_in, "bytes_in": e.bytes_in}
+
+
+def connected_viewer_json(v: Any) -> dict[str, Any]:
+    """A viewer another server reported (a ``ConnectedViewer``), as this server's own rows."""
+    return {"account": v.account, "domain": v.domain,
+            "watching": [w.encoder_id for w in v.watching],
+            "relay_connected": bool(v.relay_connected), "queued_bytes": v.queued_bytes,
+            "frames_out": v.frames_out, "bytes_out": v.bytes_out,
+            "frames_skipped": v.frames_skipped}
+
+
 class MultiSite:
     """The cluster as the admin site sees it, and the changes it may make."""
 
@@ -113,6 +150,12 @@ class MultiSite:
     def cluster(self) -> Any | None:
         """The running cluster service, or None (standalone, or not started yet)."""
         return getattr(self.host, "cluster", None) if self.host is not None else None
+
+    @property
+    def probes(self) -> Any | None:
+        """The cluster's link measurements and peer queries (PeerProbes), if it has them."""
+        cluster = self.cluster
+        return getattr(cluster, "probes", None) if cluster is not None else None
 
     @property
     def server_id(self) -> str:
@@ -174,6 +217,7 @@ class MultiSite:
                      "viewers": stats["viewers"]},
             "rtt_ms": None,
             "offset_ms": None,
+            "bandwidth": None,
             "connected": True,
             "warnings": [],
             "removable": False,
@@ -194,9 +238,14 @@ class MultiSite:
                 f"Not reachable from this server: no link to its peer address {peer}. "
                 "Check that it runs and that the peer port is open between the servers "
                 "(no port forwarding).")
-        if sid in cluster.membership:
-            warnings.extend(w[:1].upper() + w[1:] + "." for w in cluster.membership.warnings(sid))
         linked = state in _LINKED
+        found = list(cluster.membership.warnings(sid)) if sid in cluster.membership else []
+        probes = getattr(cluster, "probes", None)
+        measured = None
+        if probes is not None and linked:  # a link that is gone has no figure
+            measured = probes.bandwidth.get(sid)
+            found.extend(probes.warnings(sid))
+        warnings.extend(w[:1].upper() + w[1:] + "." for w in found)
         load = getattr(cluster, "loads", {}).get(sid) if linked else None
         return {
             "server_id": sid,
@@ -213,6 +262,7 @@ class MultiSite:
                        and view.rtt_ms is not None else None),
             "offset_ms": (round(view.offset_ms, 1) if linked and view is not None
                           and view.offset_ms is not None else None),
+            "bandwidth": bandwidth_json(measured) if measured is not None else None,
             "connected": connected,
             "warnings": warnings,
             "removable": True,
@@ -246,10 +296,12 @@ class MultiSite:
 
     def hosted_encoders(self, server_id: str) -> list[dict[str, Any]]:
         """The encoders connected to a server: here, this server's own sessions;
-        elsewhere, what the cluster's directory says that server hosts."""
+        elsewhere, what the cluster's directory says that server hosts (whose
+        counters only that server knows: None)."""
         if server_id == self.server_id:
             return [{"encoder_id": e["encoder_id"], "name": e["name"], "domain": e["domain"],
-                     "state": e["state"]} for e in self.view.connected_encoders()]
+                     "state": e["state"], "viewers": e["viewers"], "frames_in": e["frames_in"],
+                     "bytes_in": e["bytes_in"]} for e in self.view.connected_encoders()]
         out: list[dict[str, Any]] = []
         for location in self.view.core.locations.hosted_by(server_id):
             record = self.view.store.get_encoder(location.encoder_id)
@@ -258,9 +310,55 @@ class MultiSite:
                 "name": record.name if record is not None else location.encoder_id,
                 "domain": record.domain if record is not None else None,
                 "state": ENCODER_STATES.get(location.state, "online"),
+                "viewers": None,
+                "frames_in": None,
+                "bytes_in": None,
             })
         out.sort(key=lambda e: e["encoder_id"])
         return out
+
+    def server_connections(self, server_id: str
+                           ) -> dict[str, Any] | Deferred[dict[str, Any]]:
+        """``{"encoders", "viewers", "report"}`` of a server of the cluster.
+
+        This server: its own sessions (``report`` None).  Another server:
+        what it reports when asked over the peer link (a Deferred; ``report``
+        says when, or that it did not answer, and then the encoders are the
+        directory's and ``viewers`` is None).  A cluster service without
+        probes cannot ask: the directory's encoders, ``report`` None.
+        """
+        if server_id == self.server_id:
+            return {"encoders": self.hosted_encoders(server_id),
+                    "viewers": self.view.viewers(), "report": None}
+        probes = self.probes
+        if probes is None:
+            return {"encoders": self.hosted_encoders(server_id), "viewers": None,
+                    "report": None}
+        d: Deferred[dict[str, Any]] = probes.connections(server_id).addCallback(
+            self._reported, server_id)
+        return d
+
+    def _reported(self, answer: Any, server_id: str) -> dict[str, Any]:
+        if answer is None:
+            return {
+                "encoders": self.hosted_encoders(server_id),
+                "viewers": None,
+                "report": {
+                    "answered": False, "at": None, "truncated": False,
+                    "text": f"{server_id} did not answer: the encoders are those the "
+                            "cluster's directory says it hosts; its viewers are listed on "
+                            "its own admin site.",
+                },
+            }
+        text = f"As reported by {server_id} at {clock_text(answer.at)}."
+        if answer.truncated:
+            text += " The lists are cut short: it has more than one answer holds."
+        return {
+            "encoders": [connected_encoder_json(e) for e in answer.encoders],
+            "viewers": [connected_viewer_json(v) for v in answer.viewers],
+            "report": {"answered": True, "at": answer.at, "truncated": answer.truncated,
+                       "text": text},
+        }
 
     # -- changing ----------------------------------------------------------------
 

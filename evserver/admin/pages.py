@@ -70,7 +70,8 @@ class Column:
     """A column of a live table: JSON key, heading, format and optional link.
 
     ``fmt``: None (text), "bytes", "list" (comma separated), "state" (a badge),
-    "yesno", "ms" (milliseconds), "url" (an https link, showing host:port) or
+    "yesno", "ms" (milliseconds), "mbps" (Mbit/s), "url" (an https link,
+    showing host:port) or
     "action" (when the value is true, the ``<template id=...>`` named by
     ``template``, its ``{key}`` placeholders filled from the row).
     ``link``: a path with ``{key}`` placeholders, each filled with that row
@@ -239,12 +240,14 @@ def lookup(row: dict[str, Any], key: str) -> Any:
 def format_cell(value: Any, fmt: str | None) -> Any:
     if fmt == "ms":
         return "—" if value is None else f"{float(value):.1f} ms"
+    if fmt == "mbps":
+        return "—" if value is None else f"{float(value):.1f} Mbit/s"
     if fmt == "url":
         if isinstance(value, str) and value.startswith("https://"):
             return tags.a(value[len("https://"):].rstrip("/"), href=value)
         return "—"
     if fmt == "bytes":
-        return human_bytes(int(value or 0))
+        return "—" if value is None else human_bytes(int(value))
     if fmt == "list":
         return ", ".join(str(v) for v in value) if value else "—"
     if fmt == "state":
@@ -1021,6 +1024,7 @@ MSR_SERVER_COLUMNS = (
     Column("load.viewers", "Viewers", numeric=True),
     Column("rtt_ms", "RTT", fmt="ms", numeric=True),
     Column("offset_ms", "Clock offset", fmt="ms", numeric=True),
+    Column("bandwidth.mbps", "Bandwidth", fmt="mbps", numeric=True),
     Column("admin_url", "Admin site", fmt="url"),
     Column("weight", "Weight", numeric=True),
     Column("removable", "", fmt="action", template="remove-server", otherwise="this server"),
@@ -1044,8 +1048,8 @@ def prerequisites_card(prerequisites: Sequence[str]) -> Tag:
     return tags.section(
         tags.h2("What the servers need"),
         tags.ul(*[tags.li(text) for text in prerequisites], class_="plain"),
-        tags.p("Each server measures the round trip and the clock offset to every other "
-               "one and warns here when a link misses these.", class_="hint"),
+        tags.p("Each server measures the round trip, the clock offset and the bandwidth "
+               "to every other one and warns here when a link misses these.", class_="hint"),
         class_="card",
     )
 
@@ -1122,8 +1126,8 @@ def msr_page(chrome: Chrome, status: dict[str, Any], rows: Sequence[dict[str, An
             Tag("template")(remove_server_form(chrome, "/msr/servers/{server_id}/remove",
                                                "{server_id}"),
                             id="remove-server"),
-            tags.p("Click a server to see the encoders connected to it. If this server "
-                   "fails, log in to another one through its admin site link.",
+            tags.p("Click a server to see the encoders and viewers connected to it. If "
+                   "this server fails, log in to another one through its admin site link.",
                    class_="hint"),
         ),
         prerequisites_card(prerequisites),
@@ -1154,19 +1158,35 @@ def token_page(chrome: Chrome, token: str, token_id: str, expires: str, command:
     )
 
 
-def remote_server_page(chrome: Chrome, row: dict[str, Any],
-                       encoders: Sequence[dict[str, Any]],
+def remote_server_page(chrome: Chrome, row: dict[str, Any], connections: dict[str, Any],
                        errors: dict[str | None, str] | None = None,
                        value: str | None = None) -> Tag:
+    """Another server of the cluster: ``connections`` as ``MultiSite.server_connections``
+    gives them (what it reported, or the directory's encoders)."""
     sid = row["server_id"]
     admin = row["admin_url"]
     own_page = admin + "servers/" + segment(sid) if admin else None
-    viewers: Any = (
-        tags.p("Each server knows its own viewers only: see them on ",
-               tags.a(f"{sid}'s own admin site", href=own_page, id="own-admin-page"), ".")
-        if own_page else
-        tags.p("Each server knows its own viewers only, and this server does not know the "
-               "address of its admin site.", class_="empty"))
+    own_link = (tags.a(f"{sid}'s own admin site", href=own_page, id="own-admin-page")
+                if own_page else None)
+    encoders = connections["encoders"]
+    report = connections["report"]
+    viewers: list[Any]
+    if report is None:  # the cluster cannot ask its peers: the directory only
+        encoders_hint = tags.p("From the cluster's directory: where each encoder is "
+                               "registered now.", class_="hint")
+        viewers = [
+            tags.p("Each server knows its own viewers only: see them on ", own_link, ".")
+            if own_link is not None else
+            tags.p("Each server knows its own viewers only, and this server does not know "
+                   "the address of its admin site.", class_="empty")]
+    else:
+        encoders_hint = tags.p(report["text"], class_="hint report",
+                               **{"data-live-key": "report.text"})
+        viewers = [live_table("viewers", VIEWER_COLUMNS, connections["viewers"] or [],
+                              f"No viewer is connected to {sid}, or it did not answer.")]
+        viewers.append(
+            tags.p("More on ", own_link, ".", class_="more") if own_link is not None else
+            tags.p("This server does not know the address of its admin site.", class_="hint"))
     return layout(
         chrome, f"Server {sid}", "msr",
         tags.p(tags.a("All servers of the cluster", href="/msr"), class_="more back"),
@@ -1181,6 +1201,8 @@ def remote_server_page(chrome: Chrome, row: dict[str, Any],
                     ("Admin site", format_cell(admin, "url")),
                     ("Round trip", live("server.rtt_ms", row["rtt_ms"], "ms")),
                     ("Clock offset", live("server.offset_ms", row["offset_ms"], "ms")),
+                    ("Bandwidth", live("server.bandwidth.mbps",
+                                       lookup(row, "bandwidth.mbps"), "mbps")),
                 ]),
                 class_="card",
             ),
@@ -1201,12 +1223,12 @@ def remote_server_page(chrome: Chrome, row: dict[str, Any],
         ),
         tags.section(
             tags.h2("Connected encoders"),
-            live_table("encoders", HOSTED_ENCODER_COLUMNS, encoders,
+            encoders_hint,
+            live_table("encoders", CONNECTED_ENCODER_COLUMNS if report is not None
+                       else HOSTED_ENCODER_COLUMNS, encoders,
                        f"No encoder is connected to {sid}."),
-            tags.p("From the cluster's directory: where each encoder is registered now.",
-                   class_="hint"),
         ),
-        tags.section(tags.h2("Connected viewers"), viewers),
+        tags.section(tags.h2("Connected viewers"), *viewers),
         live_src="/api/servers/" + segment(sid),
     )
 

@@ -488,7 +488,7 @@ class AdminSite:
 
     def _server_page(self, call: Call, server_id: str, status: int = 200,
                      errors: dict[str | None, str] | None = None,
-                     value: str | None = None) -> Response:
+                     value: str | None = None) -> Response | Deferred[Response]:
         if server_id == self.config.server_id:
             return html(pages.server_page(self.chrome(call.session), self.view,
                                           self.msr.weight(server_id), errors, value), status)
@@ -497,11 +497,18 @@ class AdminSite:
             return self.error(call, 404, "Unknown server",
                               f"This server is {self.config.server_id!r}; its cluster has "
                               f"no server {server_id!r}.")
-        return html(pages.remote_server_page(self.chrome(call.session), row,
-                                             self.msr.hosted_encoders(server_id), errors,
-                                             value), status)
 
-    def server(self, call: Call) -> Response:
+        def render(connections: dict[str, Any]) -> Response:
+            return html(pages.remote_server_page(self.chrome(call.session), row, connections,
+                                                 errors, value), status)
+
+        # Another server is asked over the peer link (up to 2 s).
+        connections = self.msr.server_connections(server_id)
+        if isinstance(connections, Deferred):
+            return connections.addCallback(render)
+        return render(connections)
+
+    def server(self, call: Call) -> Response | Deferred[Response]:
         return self._server_page(call, call.args[0])
 
     def known_servers(self) -> list[str]:
@@ -514,7 +521,7 @@ class AdminSite:
             raise MsrError(f"there is no server {server_id!r} in this cluster", 404)
         return self.changes.set_server_weight(session, server_id, weight)
 
-    def set_weight(self, call: Call) -> Response:
+    def set_weight(self, call: Call) -> Response | Deferred[Response]:
         assert call.session is not None
         server_id = call.args[0]
         text = call.form().get("weight", "")

@@ -28,9 +28,10 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -56,6 +57,8 @@ log = Logger()
 PLACEMENT_MEMORY = 3.0
 #: How often the status file (``evserver-ctl server list``) is rewritten.
 STATUS_INTERVAL = 2.0
+#: After a move's encoder registered somewhere, decide again this soon.
+SOON = 0.05
 LOAD_FILE = "load.json"
 
 
@@ -79,6 +82,7 @@ class ClusterBalancing:
         self.decisions: list[dict[str, Any]] = []
         self.moves_started = 0
         self._loop: LoopingCall | None = None
+        self._soon: IDelayedCall | None = None
         self._last_status = 0.0
         self._bytes_out = (self.clock.seconds(), self._bytes_sent())
         self.mbps_out = 0.0
@@ -94,9 +98,29 @@ class ClusterBalancing:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
+        self._soon = None
 
     def membership_changed(self) -> None:
         self.balancer.membership_changed()
+
+    def directory_changed(self, encoder_ids: Iterable[str]) -> None:
+        """Registrations changed: if one was a move under way, decide again at once.
+
+        A move ends when its encoder registers on the target, within
+        milliseconds; waiting for the next tick would leave the in-flight
+        slot idle for up to ``interval``.
+        """
+        flying = self.balancer.in_flight()
+        if not flying or self._soon is not None:
+            return
+        if any(e in flying for e in encoder_ids):
+            self._soon = self.clock.callLater(SOON, self._tick_soon)
+
+    def _tick_soon(self) -> None:
+        self._soon = None
+        self.tick()
 
     # -- what the cluster knows ------------------------------------------
 

@@ -33,6 +33,7 @@ from evserver.cluster.ca import (
     peer_client_tls_options,
     peer_server_tls_options,
 )
+from evserver.cluster.probes import PeerProbes
 from evserver.net.peer import PeerClientFactory, PeerConnection, PeerServerFactory
 from evserver.state.balance import BalanceSettings
 from evserver.state.directory import Location
@@ -112,6 +113,8 @@ class ClusterService(Service):
         self.connections: dict[str, PeerConnection] = {}
         #: The load each peer reported in its latest heartbeat (for the admin pages).
         self.loads: dict[str, p.Load] = {}
+        #: Bandwidth measurements and other servers' connection lists.
+        self.probes = PeerProbes(self)
         self._connecting: set[str] = set()
         self._digests: dict[str, dict[tuple[str, str], bytes]] = {}
         self._next_request = 1
@@ -161,6 +164,7 @@ class ClusterService(Service):
         self._store_watch = LoopingCall(self._check_store)
         self._store_watch.clock = self.reactor
         self._store_watch.start(STORE_CHECK_INTERVAL, now=False)
+        self.probes.start()
 
     def _store_version(self) -> int | None:
         version = getattr(self.store, "data_version", None)
@@ -191,6 +195,7 @@ class ClusterService(Service):
             if loop is not None and loop.running:
                 loop.stop()
         self.membership.stop()
+        self.probes.stop()
         for conn in list(self.connections.values()):
             conn.close()
         if self._port is not None:
@@ -289,6 +294,7 @@ class ClusterService(Service):
         if server_id in self.membership:
             self.membership.remove_member(server_id)
         conn = self.connections.pop(server_id, None)
+        self.probes.link_down(server_id)
         if conn is not None:
             conn.fail(ErrorCode.REMOVED, "this server was removed from the cluster")
         self.core.server_lost(server_id)
@@ -374,6 +380,7 @@ class ClusterService(Service):
 
     def disconnect(self, server_id: str) -> None:
         conn = self.connections.pop(server_id, None)
+        self.probes.link_down(server_id)
         if conn is not None:
             conn.close()
 
@@ -453,6 +460,7 @@ class ClusterService(Service):
         for frame in directory_frames(held) or [p.Directory(())]:
             conn.send(frame)
         self._request_digest(sid)
+        self.probes.link_up(sid)
         return True
 
     def peer_disconnected(self, conn: PeerConnection, reason: Failure) -> None:
@@ -465,10 +473,13 @@ class ClusterService(Service):
             del self.connections[sid]
             self._digests.pop(sid, None)
             self.membership.on_connection_lost(sid)
+            self.probes.link_down(sid)
 
     def peer_frame(self, conn: PeerConnection, msg: Any) -> None:
         sid = conn.peer_id
         assert sid is not None
+        if self.probes.frame(sid, conn, msg):
+            return
         if isinstance(msg, p.Heartbeat):
             self.loads[sid] = msg.load
             now = _wall_us()
@@ -517,6 +528,7 @@ class ClusterService(Service):
         frame = p.Directory((_to_wire(location),))
         for conn in self.connections.values():
             conn.send(frame)
+        self.balancing.directory_changed((location.encoder_id,))
 
     def _directory(self, sender: str, msg: p.Directory) -> None:
         """Merge a peer's Directory; forward what was news here to the other peers.
@@ -530,6 +542,7 @@ class ClusterService(Service):
         news = self.core.remote_locations([_from_wire(loc) for loc in msg.locations])
         if not news:
             return
+        self.balancing.directory_changed(loc.encoder_id for loc in news)
         for sid, conn in list(self.connections.items()):
             if sid == sender:
                 continue

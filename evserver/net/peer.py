@@ -17,12 +17,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from evserver.net.connection import WireConnection
+from evserver.wire import messages as m
 from evserver.wire import peer as p
 from evserver.wire.framing import ErrorCode, ProtocolName, ProtocolViolation
 
 log = Logger()
 
 HANDSHAKE_TIMEOUT = 5.0
+#: Bytes a peer connection may queue while the peer does not read (see
+#: ``PeerConnection.write_paused``): a few full anti-entropy rounds.
+MAX_BACKLOG = 32 * 1024 * 1024
 
 
 class PeerConnection(WireConnection):
@@ -39,6 +43,8 @@ class PeerConnection(WireConnection):
         self.peer_hello: Any = None
         self.established = False
         self._handshake_call: IDelayedCall | None = None
+        #: Bytes sent since the transport's write buffer filled up (None: not full).
+        self.backlog: int | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -48,6 +54,35 @@ class PeerConnection(WireConnection):
 
     def handshakeCompleted(self) -> None:
         super().handshakeCompleted()
+
+    # Write backpressure.  A client connection stops reading while its
+    # answers are not read (WireConnection); two members must not: both may
+    # send large batches at once (anti-entropy after a heal, in both
+    # directions), and if each stopped reading until the other read, neither
+    # buffer would ever drain and heartbeats would stop both ways.  A member
+    # keeps reading and counts what it queues meanwhile; a peer that lets
+    # MAX_BACKLOG pile up is disconnected (membership reconnects it).
+    def write_paused(self) -> None:
+        if self.backlog is None:
+            self.backlog = 0
+
+    def write_resumed(self) -> None:
+        self.backlog = None
+
+    def send(self, msg: Any) -> None:
+        if self.backlog is None or not self.connected or self.failed:
+            super().send(msg)
+            return
+        frame = m.encode(msg)
+        self.backlog += len(frame)
+        if self.backlog > MAX_BACKLOG:
+            log.warn("peer {peer} does not read: {n} bytes queued; disconnecting",
+                     peer=self.peer_id or self.expected_id, n=self.backlog)
+            self.backlog = None
+            self.failed = True
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self.write_frame(frame)
 
     def _handshake_timeout(self) -> None:
         self._handshake_call = None

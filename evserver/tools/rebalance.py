@@ -92,6 +92,7 @@ class RebalanceTrial:
     moves: int
     streaming_moved: int
     max_gap_s: float | None
+    worst_pair: str | None  # the viewer/encoder pair of the longest pause
     later_moves: int
     counts: dict[str, int]
 
@@ -184,7 +185,7 @@ class RebalanceBench(FailoverBench):
             after_stability_s=(None if t_balanced is None
                                else round(t_balanced - t_restart - self.stability, 3)),
             moves=len(moved), streaming_moved=sum(1 for e in moved if e in watched),
-            max_gap_s=round(gaps["max_gap_s"], 3),
+            max_gap_s=round(gaps["max_gap_s"], 3), worst_pair=gaps.get("worst"),
             later_moves=sum(1 for e, h in settled.items() if h != balanced.get(e)),
             counts=dict(collections.Counter(h for h in settled.values() if h)))
         self.log(f"restart of {target_id}: balanced after {result.balanced_s} s "

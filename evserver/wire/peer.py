@@ -2,7 +2,9 @@
 
 The peer protocol (port 47100, protocol name ``peer``) joins the servers of a
 cluster: the handshake (``PeerHello`` / ``PeerWelcome``), heartbeats with
-clock measurements, indirect probes, membership, replication (``Updates``,
+clock measurements, indirect probes, membership, link measurements
+(``BandwidthProbe`` / ``BandwidthReport``), the admin pages' connection lists
+(``ConnectionsRequest`` / ``Connections``), replication (``Updates``,
 anti-entropy digests), the encoder directory, and joining and leaving.  The
 messages are declared with the codec of ``messages.py`` (which imports this
 module, so they are always registered); ``protocol-spec/peer.rst`` is
@@ -12,7 +14,8 @@ Besides the messages, this module has the pure helpers the cluster code needs
 around them: the NTP-style clock measurement (``ntp_offset_rtt``), the JSON
 form of replicated values (``encode_value`` / ``decode_value``), and the
 splitting of replication traffic into frames (``batch_updates``,
-``chunk_digest``).
+``chunk_digest``), the frames of a bandwidth probe (``probe_frames``) and the
+bounded connection lists (``pack_connections``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from evserver.wire.messages import (
     ListOf,
     Malformed,
     ServerInfo,
+    _encode_fields,
     message,
     wire,
 )
@@ -263,6 +267,100 @@ class Leave:
     server_id: str = wire(SERVER_ID)
 
 
+# Link measurements --------------------------------------------------------
+
+#: Bytes of a ``BandwidthProbe`` frame besides its padding: length, type,
+#: probe_id, index, count and the padding's length.
+PROBE_FRAME_OVERHEAD = 4 + 1 + 4 + 1 + 1 + 2
+#: The longest padding (bytes16): a probe frame is at most 65 548 bytes.
+MAX_PROBE_PADDING = 0xFFFF
+
+
+@message(0x58, protocols=PEER, from_server=None)
+@attrs.frozen
+class BandwidthProbe:
+    """One of ``count`` frames sent back to back to measure the link's bandwidth."""
+
+    probe_id: int = wire(U32)
+    index: int = wire(U8)
+    count: int = wire(U8)
+    padding: bytes = wire(BYTES16)
+
+
+@message(0x59, protocols=PEER, from_server=None)
+@attrs.frozen
+class BandwidthReport:
+    """The receiver's answer to a whole probe: the bytes after its first frame and how long
+    they took to arrive (its own clock)."""
+
+    probe_id: int = wire(U32)
+    bytes: int = wire(U32)
+    first_to_last_us: int = wire(U64)
+
+
+# The admin pages' queries ---------------------------------------------------
+
+#: Most entries of each list of a ``Connections`` answer.
+MAX_CONNECTION_ENTRIES = 2000
+#: Most encoders one viewer connection watches (evserver/state/relay.py's MAX_WATCHES).
+MAX_WATCHED = 64
+#: A connected encoder's state: EncoderState's ONLINE and STREAMING.
+CONNECTED_STATE = Choice(U8, (EncoderState.ONLINE, EncoderState.STREAMING))
+
+
+@attrs.frozen
+class ConnectedEncoder:
+    """An encoder session on the answering server, as its own admin page lists it."""
+
+    encoder_id: str = wire(STR)
+    name: str = wire(STR)
+    domain: str = wire(STR)
+    state: int = wire(CONNECTED_STATE)
+    viewers: int = wire(U32)
+    frames_in: int = wire(U64)
+    bytes_in: int = wire(U64)
+
+
+@attrs.frozen
+class Watched:
+    encoder_id: str = wire(STR)
+
+
+@attrs.frozen
+class ConnectedViewer:
+    """A viewer session on the answering server, as its own admin page lists it."""
+
+    account: str = wire(STR)
+    domain: str = wire(STR)
+    watching: tuple[Watched, ...] = wire(ListOf(Watched, MAX_WATCHED), converter=tuple)
+    relay_connected: int = wire(FLAG)
+    queued_bytes: int = wire(U64)
+    frames_out: int = wire(U64)
+    bytes_out: int = wire(U64)
+    frames_skipped: int = wire(U64)
+
+
+@message(0x5A, protocols=PEER, from_server=None)
+@attrs.frozen
+class ConnectionsRequest:
+    """Asks the receiver for the encoders and viewers connected to it (for the admin pages)."""
+
+    request_id: int = wire(U32)
+
+
+@message(0x5B, protocols=PEER, from_server=None)
+@attrs.frozen
+class Connections:
+    """The answer to ``ConnectionsRequest``; ``truncated`` = 1 when entries were left out."""
+
+    request_id: int = wire(U32)
+    encoders: tuple[ConnectedEncoder, ...] = wire(
+        ListOf(ConnectedEncoder, MAX_CONNECTION_ENTRIES), converter=tuple)
+    viewers: tuple[ConnectedViewer, ...] = wire(
+        ListOf(ConnectedViewer, MAX_CONNECTION_ENTRIES), converter=tuple)
+    truncated: int = wire(FLAG)
+
+
 # Replication --------------------------------------------------------------
 
 
@@ -478,6 +576,78 @@ def batch_updates(
             size += part_size
     if batch:
         yield Updates(tuple(batch))
+
+
+def probe_frames(probe_id: int, count: int, frame_bytes: int) -> list[BandwidthProbe]:
+    """The ``count`` frames of one bandwidth probe, each ``frame_bytes`` long in all.
+
+    Zero padding: neither TLS nor plain TCP compresses it.
+    """
+    if not 2 <= count <= 0xFF:
+        raise ValueError("a probe has 2 to 255 frames")
+    padding = frame_bytes - PROBE_FRAME_OVERHEAD
+    if not 0 <= padding <= MAX_PROBE_PADDING:
+        raise ValueError(f"a probe frame is {PROBE_FRAME_OVERHEAD} to "
+                         f"{PROBE_FRAME_OVERHEAD + MAX_PROBE_PADDING} bytes long")
+    zeros = bytes(padding)
+    return [BandwidthProbe(probe_id, index, count, zeros) for index in range(count)]
+
+
+def probe_frame_size(msg: BandwidthProbe) -> int:
+    """The whole frame's length in bytes (what the receiver counts)."""
+    return PROBE_FRAME_OVERHEAD + len(msg.padding)
+
+
+_CONNECTIONS_OVERHEAD = 4 + 1 + 4 + 2 + 2 + 1  # length, type, request_id, counts, truncated
+
+
+def _record_size(record: Any) -> int:
+    out: list[bytes] = []
+    _encode_fields(record, out)
+    return sum(len(part) for part in out)
+
+
+def pack_connections(
+    request_id: int,
+    encoders: Iterable[ConnectedEncoder],
+    viewers: Iterable[ConnectedViewer],
+    max_entries: int = MAX_CONNECTION_ENTRIES,
+    max_bytes: int = BATCH_BYTES,
+) -> Connections:
+    """A ``Connections`` answer of at most ``max_bytes`` (the whole frame), in the given order.
+
+    Each list keeps at most ``max_entries``, a prefix of what it is given;
+    the encoders take at most half of the room and the viewers what is left.
+    An entry that cannot be encoded is skipped.  ``truncated`` is 1 when any
+    entry was left out.
+    """
+    if not 256 <= max_bytes <= FRAME_LIMIT + 4:
+        raise ValueError(f"max_bytes must be 256..{FRAME_LIMIT + 4}")
+    if not 0 <= max_entries <= MAX_CONNECTION_ENTRIES:
+        raise ValueError(f"max_entries must be 0..{MAX_CONNECTION_ENTRIES}")
+    room = max_bytes - _CONNECTIONS_OVERHEAD
+    truncated = False
+
+    def take(items: Iterable[Any], budget: int) -> tuple[list[Any], int]:
+        nonlocal truncated
+        kept: list[Any] = []
+        used = 0
+        for item in items:
+            try:
+                size = _record_size(item)
+            except ValueError:  # a value that cannot be sent (a control character)
+                truncated = True
+                continue
+            if len(kept) == max_entries or used + size > budget:
+                truncated = True
+                break
+            kept.append(item)
+            used += size
+        return kept, used
+
+    kept_encoders, used = take(encoders, room // 2)
+    kept_viewers, _ = take(viewers, room - used)
+    return Connections(request_id, tuple(kept_encoders), tuple(kept_viewers), int(truncated))
 
 
 _DIGEST_OVERHEAD = 4 + 1 + 4 + 4 + 1 + 2  # length, type, request_id, chunk, last, count

@@ -46,7 +46,14 @@
       a.href = value;
       return a;
     }
-    if (format === "bytes") return document.createTextNode(humanBytes(value));
+    if (format === "mbps") {
+      return document.createTextNode(
+        value === null || value === undefined ? "\u2014" : Number(value).toFixed(1) + " Mbit/s");
+    }
+    if (format === "bytes") {
+      return document.createTextNode(
+        value === null || value === undefined ? "\u2014" : humanBytes(value));
+    }
     if (format === "list") {
       return document.createTextNode(value && value.length ? value.join(", ") : "\u2014");
     }
