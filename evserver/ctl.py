@@ -563,6 +563,8 @@ class _Ctl:
             states_at = _iso(float(status.get("at", 0)))
         except (OSError, ValueError, AttributeError, TypeError):
             pass
+        load = self.load_status()
+        loads = load.get("servers", {}) if isinstance(load.get("servers"), dict) else {}
         others = sorted((set(weights) | set(pools)) - set(known))
         rows = []
         for server_id in [*known, *others]:
@@ -576,19 +578,49 @@ class _Ctl:
             rows.append({"server_id": server_id, "this": server_id == known[0],
                          "member": member, "state": state,
                          "weight": weights.get(server_id, DEFAULT_WEIGHT),
-                         "pools": pools.get(server_id, [])})
+                         "pools": pools.get(server_id, []),
+                         "load": loads.get(server_id)})
         return rows, states_at
+
+    def load_status(self) -> dict[str, Any]:
+        """What the running server last wrote of the cluster's load and its balancer
+        (DATA/cluster/load.json, every 2 s); {} if nothing was written."""
+        try:
+            data = json.loads((Path(self.args.data) / "cluster" / "load.json")
+                              .read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def server_list(self, store: Store) -> None:
         rows, states_at = self.server_rows(store)
         if self.args.json:
             self.dump(rows)
             return
-        self.table(("SERVER", "STATE", "WEIGHT", "POOLS"),
+
+        def figure(row: dict[str, Any], key: str, fmt: str = "{}") -> str:
+            load = row.get("load")
+            value = load.get(key) if isinstance(load, dict) else None
+            return "-" if value is None else fmt.format(value)
+
+        self.table(("SERVER", "STATE", "WEIGHT", "POOLS", "ENCODERS", "STREAMING", "VIEWERS",
+                    "MBIT/S"),
                    [(r["server_id"], r["state"], f"{r['weight']:g}",
-                     ",".join(r["pools"]) or "-") for r in rows])
+                     ",".join(r["pools"]) or "-", figure(r, "hosted"),
+                     figure(r, "streaming"), figure(r, "viewers"),
+                     figure(r, "mbps_out", "{:.1f}")) for r in rows])
         if states_at is not None:
             self.print(f"(states as the running server saw them at {states_at})")
+        load = self.load_status()
+        if load:
+            self.print(f"balancer: decider {load.get('decider')}, moves resume in "
+                       f"{load.get('stable_in_s')} s, {len(load.get('in_flight') or [])} "
+                       f"in flight (load as of {_iso(float(load.get('at', 0)))})")
+            for d in (load.get("decisions") or [])[-5:]:
+                if isinstance(d, dict):
+                    self.print(f"  {_iso(float(d.get('at', 0)))} {d.get('kind')} "
+                               f"{d.get('encoder')} {d.get('from')} -> {d.get('to')}: "
+                               f"{d.get('reason')}")
 
     def server_weight(self, store: Store) -> None:
         args = self.args

@@ -146,17 +146,37 @@ def test_server_weights_and_list(data: Path) -> None:
     ok(data, "pool", "create", "east", "--servers", "srv-b,srv-c")
     ok(data, "pool", "create", "b-only", "--servers", "srv-b")
     lines = ok(data, "server", "list").splitlines()
+    none = ["-"] * 4  # no load.json yet: no load figures
     assert [line.split() for line in lines[:4]] == [
-        ["SERVER", "STATE", "WEIGHT", "POOLS"],
-        [me, "this", "server", "0.5", "-"],
-        ["srv-b", "alive", "2.5", "b-only,east"],
-        ["srv-c", "dead", "1", "east"],
+        ["SERVER", "STATE", "WEIGHT", "POOLS", "ENCODERS", "STREAMING", "VIEWERS", "MBIT/S"],
+        [me, "this", "server", "0.5", "-", *none],
+        ["srv-b", "alive", "2.5", "b-only,east", *none],
+        ["srv-c", "dead", "1", "east", *none],
     ]
     assert lines[4] == ("(states as the running server saw them at "
                         "2023-11-14T22:13:20+00:00)")
     rows = json.loads(ok(data, "server", "list", "--json"))
     assert rows[1] == {"server_id": "srv-b", "this": False, "member": True, "state": "alive",
-                       "weight": 2.5, "pools": ["b-only", "east"]}
+                       "weight": 2.5, "pools": ["b-only", "east"], "load": None}
+    # The running server's load.json (ClusterBalancing.save_status) adds the load
+    # and the balancer's state.
+    (data / "cluster" / "load.json").write_text(json.dumps({
+        "at": 1_700_000_001.0, "server_id": me, "decider": me, "stable_in_s": 12.5,
+        "servers": {me: {"weight": 0.5, "hosted": 3, "encoders": 3, "streaming": 1,
+                         "viewers": 4, "mbps_out": 2.25},
+                    "srv-b": {"weight": 2.5, "hosted": 5, "encoders": 5, "streaming": 0,
+                              "viewers": 0, "mbps_out": 0.0}},
+        "in_flight": [{"encoder": "cam-9", "from": me, "to": "srv-b", "reason": "r"}],
+        "decisions": [{"at": 1_700_000_000.5, "kind": "move", "encoder": "cam-9",
+                       "from": me, "to": "srv-b", "reason": "srv-b is lighter"}]}))
+    lines = ok(data, "server", "list").splitlines()
+    assert lines[1].split()[-4:] == ["3", "1", "4", "2.2"]
+    assert lines[2].split()[-4:] == ["5", "0", "0", "0.0"]
+    assert lines[3].split()[-4:] == none
+    assert lines[5] == (f"balancer: decider {me}, moves resume in 12.5 s, 1 in flight "
+                        "(load as of 2023-11-14T22:13:21+00:00)")
+    assert lines[6] == (f"  2023-11-14T22:13:20.500000+00:00 move cam-9 {me} -> srv-b: "
+                        "srv-b is lighter")
     assert rows[0]["this"] and rows[0]["weight"] == 0.5
     # Back to the default; refusals change nothing.
     assert ok(data, "server", "weight", "srv-b", "default") == (
@@ -180,8 +200,8 @@ def test_server_weights_and_list(data: Path) -> None:
 def test_a_standalone_server_knows_only_itself(data: Path) -> None:
     ok(data, "domain", "list")
     me = own_id(data)
-    assert ok(data, "server", "list").splitlines() == [
-        "SERVER" + " " * (len(me) - 4) + "STATE        WEIGHT  POOLS",
-        f"{me}  this server  1       -"]
+    assert [line.split() for line in ok(data, "server", "list").splitlines()] == [
+        ["SERVER", "STATE", "WEIGHT", "POOLS", "ENCODERS", "STREAMING", "VIEWERS", "MBIT/S"],
+        [me, "this", "server", "1", "-", "-", "-", "-", "-"]]
     ok(data, "pool", "create", "solo", "--servers", me)
     fails(data, "pool", "create", "other", "--servers", "srv-b", match=f"(known: {me})")
