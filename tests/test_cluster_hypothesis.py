@@ -52,12 +52,14 @@ KNOWN_FROZEN_RETRY = False
 KNOWN_ZOMBIE_LOCATIONS = False
 #: 3. (Fixed: servers forward directory news to their other peers, so a
 #:    viewer's home not linked to the encoder's server hears it through a
-#:    third.)  What is left (``_DEAD_TO_HOME``): when the home has declared
-#:    the encoder's server dead while the clients reach both (two servers cut
-#:    from each other with no live third to probe through), no server path
-#:    is left, and the viewer is never told where the encoder is.
+#:    third.  And when the home has declared the encoder's server dead while
+#:    the clients reach both (two servers cut from each other with no live
+#:    third to probe through), no server path is left: a ClusterViewer takes
+#:    the updates of every session it holds, a server's word about its own
+#:    encoders beats another's "offline", and while an encoder is lost the
+#:    viewer asks the servers its home does not name.)
 KNOWN_DIRECT_LINK_ONLY = False
-KNOWN_DEAD_TO_HOME = True
+KNOWN_DEAD_TO_HOME = False
 #: 4. (Fixed: the ServerList naming a server that came back is pushed before
 #:    the EncoderUpdates that name it.)
 KNOWN_UPDATE_BEFORE_LIST = False
@@ -414,16 +416,12 @@ def test_viewers_find_encoders_on_a_server_their_home_is_not_linked_to(
         sim.close()
 
 
-_DEAD_TO_HOME = (
-    "with the s2-s3 link cut and s1 (their only probe helper) dead, s2 and s3 declare each "
-    "other dead while the clients reach both: no server path is left for directory news, "
-    "and a viewer homed on one never learns that an encoder moved to the other; a "
-    "ClusterViewer that takes updates from every session it holds (they are subscribed "
-    "to the domain's updates) would fix it (client side)")
-
-
-@pytest.mark.xfail(strict=True, reason=_DEAD_TO_HOME)
 def test_viewers_find_encoders_on_a_server_their_home_cannot_reach(sim: RealCluster) -> None:
+    """With the s2-s3 link cut and s1 (their only probe helper) dead, s2 and s3 declare
+    each other dead while the clients reach both: no server path is left for directory
+    news.  A viewer homed on one hears that an encoder moved to the other through its
+    session there (every session is subscribed to the domain's updates), and that
+    server's word about its own encoder beats the home's "offline"."""
     sim.cut("s2", "s3")
     sim.advance(SETTLE)
     t_fault = sim.now()
@@ -690,18 +688,6 @@ class ClusterMachine(RuleBasedStateMachine):
                 raise AssertionError(f"{s.server_id} says {e} is on {said}; "
                                      f"it is on {hosting[e]}")
 
-    def _dead_to_home(self, viewer: Any, encoder_id: str) -> bool:
-        """Known gap 3: the viewer's home does not count the encoder's server alive."""
-        hosts = self.sim.hosting().get(encoder_id, [])
-        home = self.sim.servers.get(viewer.home.server_id)
-        if len(hosts) != 1 or home is None or not home.live:
-            return False
-        host = self.sim.servers[hosts[0]]
-        if host is home:
-            return False
-        view = home.cluster.membership.view().get(host.server_id)
-        return view is None or view.state not in (PeerState.ALIVE, PeerState.SUSPECT)
-
     @invariant()
     def viewers_resume_within_budget(self) -> None:
         if self.sim is None or not self._serving():
@@ -713,9 +699,6 @@ class ClusterMachine(RuleBasedStateMachine):
             viewer = self.sim.viewers[r.viewer]
             if not hosting[r.encoder_id]:
                 continue  # judged by every_live_encoder_is_hosted_exactly_once
-            if self._excuse(KNOWN_DEAD_TO_HOME and self._dead_to_home(viewer, r.encoder_id),
-                            "the viewer's home counts the encoder's server dead"):
-                continue
             raise AssertionError(f"viewer {r.viewer} ({viewer.home.server_id}) and "
                                  f"{r.encoder_id} ({hosting[r.encoder_id]}): {r.seconds} s "
                                  f"after an event {self.sim.now() - self.t_event:.2f} s ago")

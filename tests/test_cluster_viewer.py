@@ -102,6 +102,31 @@ class World:
         assert self.viewer is not None
         return {sid: s.up for sid, s in self.viewer.sessions.items()}
 
+    def cut_bus(self, a: str, b: str) -> None:
+        """Directory news no longer travels between servers ``a`` and ``b``."""
+        deliver = self.sim._deliver
+
+        def filtered(sender: MemoryServer, receiver: MemoryServer, location: Any) -> None:
+            if {sender.core.server_id, receiver.core.server_id} != {a, b}:
+                deliver(sender, receiver, location)
+
+        self.sim._deliver = filtered  # type: ignore[method-assign]
+
+    def count_dead(self, index: int, server_id: str) -> None:
+        """Server ``index`` counts ``server_id`` dead: hears nothing from it, names it to
+        no client (the clients reach both)."""
+        server, sim = self.sim.servers[index], self.sim
+        self.cut_bus(server.core.server_id, server_id)
+        server._servers = lambda: tuple(
+            i for i in sim.server_infos() if i.server_id != server_id)
+        server.core.server_lost(server_id)
+        server.core.push_server_list()
+
+    def gaps(self, encoder_id: str, since: float) -> float:
+        """The longest pause between frames of ``encoder_id`` after ``since``."""
+        times = [since, *(f.at for f in self.since(since, encoder_id)), self.clock.seconds()]
+        return max(b - a for a, b in itertools.pairwise(times))
+
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
@@ -224,8 +249,11 @@ def test_home_server_lost_rehomes_and_replaces(world: World, fault: str) -> None
     assert viewer.moves == 1
     for i in range(3):
         assert world.clock.seconds() - world.last(f"cam{i}").at < 0.1
-    after = world.since(t_fault + 0.05, "cam0")
-    assert after[0].keyframe and {f.server for f in after} == {new_host}
+    # The frames in flight from s1, then the new host's, from a keyframe on (the
+    # new host's session may tell of the move before the home is back).
+    after = world.since(t_fault, "cam0")
+    moved = next(i for i, f in enumerate(after) if f.server != "s1")
+    assert after[moved].keyframe and {f.server for f in after[moved:]} == {new_host}
     # cam2 never stopped: its session to s3 had nothing to do with the home.
     cam2 = [f.at for f in world.frames if f.encoder_id == "cam2" and f.at > t_fault - 0.1]
     assert max(b - a for a, b in itertools.pairwise(cam2)) < 0.1
@@ -284,6 +312,151 @@ def test_moves_while_the_watch_is_under_way(world: World) -> None:
     assert world.frames and {f.server for f in world.frames} == {"s1"}
     assert set(viewer.sessions) == {"s1", "s2"}
     enc.stop()
+
+
+# --------------------------------------------------------------------------
+# Servers that count each other dead while the viewer reaches both
+
+
+def test_every_session_is_subscribed_to_the_updates(world: World) -> None:
+    world.encoder("cam0", first=0)
+    viewer = world.start_viewer(home=1)
+    viewer.watch("cam0")
+    world.advance(1.0)
+    assert set(viewer.sessions) == {"s1", "s2"}
+    for server in world.sim.servers[:2]:
+        assert [v.subscribed for v in server.core.viewers] == [True]
+    # After a reconnection too.
+    session = viewer.sessions["s1"]
+    assert session.control is not None
+    session.control.transport.abortConnection()  # type: ignore[union-attr]
+    world.advance(1.0)
+    assert session.connects == 2 and session.up
+    assert [v.subscribed for v in world.sim.servers[0].core.viewers] == [True]
+
+
+def test_the_host_s_word_beats_the_home_that_counts_it_dead(world: World) -> None:
+    """s2 and s3 count each other dead; the viewer, homed on s3, reaches both."""
+    world.encoder("cam0", first=0)  # on s1, then on s2
+    world.encoder("cam1", first=1)  # on s2
+    viewer = world.start_viewer(home=2)
+    viewer.watch("cam0")
+    viewer.watch("cam1")
+    world.advance(1.0)
+    assert viewer.placed == {"cam0": "s1", "cam1": "s2"}
+    s1, s2, s3 = world.sim.servers
+    world.cut_bus("s2", "s3")
+    s3.core.server_lost("s2")
+    world.advance(0.5)
+    # The home says cam1 is offline; s2, which hosts it, says it has it.
+    assert s3.core.locations.where("cam1") is None
+    assert viewer.infos["cam1"].server_id == "s2" and viewer.placed["cam1"] == "s2"
+    # cam0 moves from s1 to s2: the home never hears of it.
+    world.sim.net.kill_host(s1.host)
+    t_move = world.clock.seconds()
+    world.advance(2.0)
+    assert "cam0" in s2.core.encoders and s3.core.locations.where("cam0") is None
+    assert viewer.infos["cam0"].server_id == "s2" and viewer.placed["cam0"] == "s2"
+    after = world.since(t_move, "cam0")
+    assert after and after[0].keyframe and {f.server for f in after} == {"s2"}
+    assert after[0].at - t_move < 1.5
+    assert viewer.moves == 1
+    # The home flaps: s2 alive again, dead again...  The watches stay where they are.
+    t_flap = world.clock.seconds()
+    for _ in range(3):
+        s3.core.server_back("s2")
+        world.advance(0.3)
+        s3.core.server_lost("s2")
+        world.advance(0.3)
+    assert viewer.placed == {"cam0": "s2", "cam1": "s2"} and viewer.moves == 1
+    assert viewer.infos["cam1"].server_id == "s2"
+    assert world.gaps("cam0", t_flap) < 0.1 and world.gaps("cam1", t_flap) < 0.1
+
+
+def test_a_server_s_word_that_it_lost_an_encoder_beats_a_stale_one(world: World) -> None:
+    enc = world.encoder("cam0", first=0)
+    viewer = world.start_viewer(home=1)
+    viewer.watch("cam0")
+    world.advance(1.0)
+    enc.stop()
+    world.advance(0.5)
+    assert viewer.infos["cam0"].state == m.EncoderState.OFFLINE
+    # Late news at home (an announcement relayed late) that cam0 is on s1:
+    # s1, which the viewer hears itself, says it is not.
+    viewer._update(m.EncoderInfo("cam0", "Camera cam0", m.EncoderState.STREAMING, "s1"))
+    assert viewer.infos["cam0"].state == m.EncoderState.OFFLINE
+    # Newer news of another server is taken.
+    viewer._update(m.EncoderInfo("cam0", "Camera cam0", m.EncoderState.ONLINE, "s3"))
+    assert viewer.infos["cam0"].server_id == "s3" and viewer.placed["cam0"] == "s3"
+
+
+def test_the_servers_the_home_does_not_name_are_asked(world: World) -> None:
+    """cam0 registers on s1, which the home (s2) counts dead; the viewer holds no
+    session there, but knows s1's address: it asks s1 while cam0 is lost."""
+    viewer = world.start_viewer(home=1)
+    viewer.watch("cam0")
+    world.advance(0.5)
+    s1, s2, _ = world.sim.servers
+    world.count_dead(1, "s1")
+    world.advance(0.2)
+    assert "s1" not in viewer.home.server_infos and viewer.placed == {"cam0": "s2"}
+    t_start = world.clock.seconds()
+    world.encoder("cam0", first=0)
+    world.advance(1.0)
+    assert "cam0" in s1.core.encoders and s2.core.locations.where("cam0") is None
+    assert viewer.placed == {"cam0": "s1"}
+    assert len(world.frames) >= 20 and world.frames[0].keyframe
+    assert world.frames[0].at - t_start < 0.1
+    assert {f.server for f in world.frames} == {"s1"}
+    # Nothing is lost any more: no session is kept for asking.
+    world.encoder("cam1", first=1)
+    viewer.watch("cam1")
+    world.advance(1.0)
+    assert set(viewer.sessions) == {"s1", "s2"}
+    viewer.unwatch("cam0")
+    world.advance(0.5)
+    assert set(viewer.sessions) == {"s2"}
+
+
+def test_asking_a_dead_server_backs_off(world: World) -> None:
+    viewer = world.start_viewer(home=1)
+    viewer.watch("cam0")  # never online: lost all along
+    world.advance(0.5)
+    s1, s2, _ = world.sim.servers
+    world.sim.kill(0)
+    world.advance(2.0)
+    s2.core.push_server_list()  # without s1
+    world.advance(0.1)
+    assert "s1" not in viewer.home.server_infos
+    world.advance(1.0)
+    first = world.attempts.get(s1.host, 0)
+    assert first >= 1
+    world.advance(60.0)
+    # Asked again after 2, 4, 8, 16, 32 s: a few attempts each time, not more.
+    later = world.attempts.get(s1.host, 0) - first
+    assert 0 < later <= 5 * 3, later
+    assert viewer.placed == {"cam0": "s2"} and viewer.sessions["s2"].up
+
+
+def test_a_server_list_naming_the_host_moves_a_watch_made_at_home(world: World) -> None:
+    """Told of an encoder on a server it has no address of, the viewer asks at home;
+    when a ServerList gives the address, it watches the encoder there."""
+    world.encoder("cam0", first=0)
+    world.advance(0.5)
+    world.sim.alive.discard("s1")  # the others do not name s1 any more
+    viewer = world.start_viewer(home=1)
+    assert "s1" not in viewer.home.server_infos
+    viewer.watch("cam0")
+    world.advance(1.0)
+    assert viewer.infos["cam0"].server_id == "s1"
+    # s2 knows where cam0 is, but cannot name s1: the watch waits at home.
+    assert viewer.placed == {"cam0": "s2"} and not world.frames
+    world.sim.alive.add("s1")
+    world.sim.servers[1].core.push_server_list()
+    world.advance(1.0)
+    assert viewer.placed == {"cam0": "s1"}
+    assert world.frames and {f.server for f in world.frames} == {"s1"}
+    assert set(viewer.sessions) == {"s1", "s2"}
 
 
 # --------------------------------------------------------------------------

@@ -1026,6 +1026,27 @@ def _ignore(_: object) -> None:
     return None
 
 
+@attrs.frozen
+class _Word:
+    """What a session of a ClusterViewer last said of an encoder."""
+
+    #: When the viewer heard it, in the order of all it heard (higher: newer).
+    serial: int
+    #: The server that said it.
+    speaker: str
+    info: m.EncoderInfo
+
+    @property
+    def host(self) -> str:
+        """The server it says hosts the encoder ("" when it says offline)."""
+        return self.info.server_id if self.info.state != m.EncoderState.OFFLINE else ""
+
+    @property
+    def own(self) -> bool:
+        """The speaker says it hosts the encoder itself."""
+        return bool(self.host) and self.host == self.speaker
+
+
 class _ClusterSession(ViewerClient):
     """A ViewerClient driven by a ClusterViewer, which decides what it watches where.
 
@@ -1053,6 +1074,7 @@ class _ClusterSession(ViewerClient):
             super()._set_servers(servers)
         else:
             self.server_infos = {s.server_id: s for s in servers}
+        self.owner._servers_told(self, servers)
 
     def _relay_ready(self) -> None:
         self.down_since = None
@@ -1086,9 +1108,24 @@ class ClusterViewer:
     that server's session has been down for ``FALLBACK_DELAY``: then it is
     watched at home.  No action of the user is needed.
 
+    Every session lists the domain's encoders when it logs in, and so is
+    told their updates too: two servers cut from each other may each count
+    the other dead while the viewer reaches both, and then the home never
+    hears where an encoder went.  What the sessions say is weighed (see
+    ``_best``): a server is the authority on its own registrations, so its
+    word that it hosts an encoder beats another's "offline", and its word
+    that it does not beats another's word that it does; otherwise the newest
+    word wins.  A server that counts the host dead says "offline", but that
+    never moves a watch away from a host that says it has the encoder.
+    While a watched encoder is lost (held offline, or on a server whose
+    session was lost), the servers the viewer knows of that the home does
+    not name (it counts them dead: they may only be cut off from it) are
+    asked too, through a session to each, kept while an encoder is lost.
+
     Callbacks: ``on_media(encoder_id, media)`` for each frame (only from the
-    server where the encoder is watched now); ``on_update(info)`` for each
-    pushed EncoderUpdate; ``on_list(infos)`` with the listing after each
+    server where the encoder is watched now); ``on_update(info)`` each time
+    what the viewer holds of an encoder (``infos``) changes, unless by the
+    home's listing; ``on_list(infos)`` with the listing after each
     login of the home; ``on_watch_error(encoder_id, error)`` when a watch is
     refused for good (NOT_FOUND, LIMIT_EXCEEDED: the encoder is no longer
     watched); ``on_final_error(error)`` when the home session gives up after
@@ -1101,6 +1138,11 @@ class ClusterViewer:
     RETRY_DELAY = 1.0
     #: Offline encoders leave a server whose session has been down this long.
     FALLBACK_DELAY = 3.0
+    #: A server the home does not name, asked where lost encoders are, that
+    #: cannot be used is asked again after this long (doubled each time, up
+    #: to SCOUT_RETRY_MAX).
+    SCOUT_RETRY = 2.0
+    SCOUT_RETRY_MAX = 60.0
 
     def __init__(self, reactor: Any, servers: list[Address], account: str, password: str,
                  tls: TLSConfig, on_media: Callable[[str, m.Media], None] | None = None,
@@ -1125,7 +1167,8 @@ class ClusterViewer:
         #: Sessions by server id (the home under its current server, unless a
         #: session pinned to that server was there first).
         self.sessions: dict[str, _ClusterSession] = {}
-        #: The latest word of the home on each encoder of the domain.
+        #: What the viewer holds of each encoder of the domain: the best of
+        #: what its sessions say (the last word heard, while nobody says anything).
         self.infos: dict[str, m.EncoderInfo] = {}
         #: The encoders to watch, in the order asked.
         self.wanted: dict[str, None] = {}
@@ -1142,12 +1185,26 @@ class ClusterViewer:
         self._placing: dict[str, _ClusterSession] = {}
         #: encoder id -> the server its last frame came from
         self._video_from: dict[str, str] = {}
-        #: encoder id -> where a Redirect said it is (newer than the home's word)
+        #: encoder id -> where a Redirect said it is (newer than the word held)
         self._hints: dict[str, m.ServerInfo] = {}
         #: Servers' addresses learnt from Redirects.
         self._addresses: dict[str, m.ServerInfo] = {}
         self._retry_calls: dict[str, IDelayedCall] = {}
         self._fallback_calls: dict[str, IDelayedCall] = {}
+        #: session -> encoder id -> what the session last said of it, while it
+        #: is up (the words of a lost session are forgotten: they may be stale).
+        self._words: dict[_ClusterSession, dict[str, _Word]] = {}
+        #: server id -> encoder id -> what the sessions to it that were closed
+        #: (nothing to watch there) last said: news as old as it is, no more.
+        self._archive: dict[str, dict[str, _Word]] = {}
+        self._serial = 0
+        #: Every server named to a session or by a Redirect, by id (the latest word).
+        self._known_servers: dict[str, m.ServerInfo] = {}
+        #: server id -> sessions to it in a row that could not be used, and
+        #: when it may be asked where lost encoders are again.
+        self._scout_failures: dict[str, int] = {}
+        self._scout_after: dict[str, float] = {}
+        self._scout_call: IDelayedCall | None = None
 
     def _new_session(self, pinned_to: str, servers: list[Address]) -> _ClusterSession:
         session = _ClusterSession(self, pinned_to, self.reactor, servers, self.account,
@@ -1166,6 +1223,9 @@ class ClusterViewer:
 
     def stop(self) -> None:
         self.stopped = True
+        if self._scout_call is not None and self._scout_call.active():
+            self._scout_call.cancel()
+        self._scout_call = None
         for calls in (self._retry_calls, self._fallback_calls):
             for call in calls.values():
                 if call.active():
@@ -1176,6 +1236,8 @@ class ClusterViewer:
             if session is not self.home:
                 session.stop()
         self.sessions.clear()
+        self._words.clear()
+        self._archive.clear()
 
     @property
     def domain(self) -> str:
@@ -1291,6 +1353,7 @@ class ClusterViewer:
         if isinstance(error, RedirectedTo):
             target = error.server
             self._addresses[target.server_id] = target
+            self._known_servers[target.server_id] = target
             if target.server_id == server_id or redirects >= self.MAX_REDIRECTS:
                 log.info("redirect loop for {e} (last {a} -> {b}); asking again later",
                          e=encoder_id, a=server_id, b=target.server_id)
@@ -1332,14 +1395,20 @@ class ClusterViewer:
         if server_id == self._home_sid:
             self.sessions[server_id] = self.home
             return self.home
-        info = self.home.server_infos.get(server_id) or self._addresses.get(server_id)
+        info = self._server_info(server_id)
         if info is None:
             return None
         session = self._new_session(server_id, [Address(info.host, info.viewer_port)])
         session.on_session = lambda: self._session_ready(session)
+        session.on_update = lambda info: self._heard(session, info)
         self.sessions[server_id] = session
         session.start().addErrback(lambda f: self._session_gave_up(session, f.value))
         return session
+
+    def _server_info(self, server_id: str) -> m.ServerInfo | None:
+        """The address of ``server_id``: as the home last named it, a Redirect, another session."""
+        return (self.home.server_infos.get(server_id) or self._addresses.get(server_id)
+                or self._known_servers.get(server_id))
 
     def _home_ready(self) -> None:
         self._home_sid = self.home.server_id
@@ -1351,6 +1420,11 @@ class ClusterViewer:
         server_id = session.pinned_to
         if self.sessions.get(server_id) is not session:
             return
+        self._scout_failures.pop(server_id, None)
+        self._scout_after.pop(server_id, None)
+        # Every (re)login: subscribe to the updates, as the home is.
+        session.list_encoders().addCallbacks(
+            lambda infos: self._session_listed(session, infos), _ignore)
         for encoder_id in [e for e, s in self.placed.items() if s == server_id]:
             self._place(encoder_id)
         self._collect()
@@ -1362,11 +1436,15 @@ class ClusterViewer:
             # It logs in elsewhere by itself, lists again and everything is placed again.
             self.sessions = {s: v for s, v in self.sessions.items() if v is not self.home}
             self._home_sid = ""
-            return
-        server_id = session.pinned_to
-        if self.sessions.get(server_id) is session and server_id not in self._fallback_calls:
-            self._fallback_calls[server_id] = self.reactor.callLater(
-                self.FALLBACK_DELAY, self._fallback, server_id)
+        else:
+            server_id = session.pinned_to
+            if self.sessions.get(server_id) is session and server_id not in self._fallback_calls:
+                self._fallback_calls[server_id] = self.reactor.callLater(
+                    self.FALLBACK_DELAY, self._fallback, server_id)
+        # What it said may be stale by now; it says it again when it is back.
+        if session in self._words:
+            self._place_all(self._unsay(session))
+            self._collect()
 
     def _fallback(self, server_id: str) -> None:
         """A session down for FALLBACK_DELAY: its offline encoders are watched at home."""
@@ -1396,27 +1474,105 @@ class ClusterViewer:
         if self.sessions.get(server_id) is not session:
             return
         del self.sessions[server_id]
+        failures = self._scout_failures[server_id] = self._scout_failures.get(server_id, 0) + 1
+        after = self._scout_after[server_id] = self.reactor.seconds() + min(
+            self.SCOUT_RETRY_MAX, self.SCOUT_RETRY * 2 ** min(failures - 1, 16))
+        self._scout_at(after)
         for encoder_id in [e for e, s in self.placed.items() if s == server_id]:
             self._retry_later(encoder_id)
+        if session in self._words:
+            self._place_all(self._unsay(session))
+            self._collect()
 
     def _collect(self) -> None:
-        """Close the sessions (but the home) where nothing is watched any more."""
-        needed = set(self.placed.values())
-        for server_id, session in list(self.sessions.items()):
-            if session is self.home or server_id in needed:
-                continue
-            del self.sessions[server_id]
-            call = self._fallback_calls.pop(server_id, None)
-            if call is not None and call.active():
-                call.cancel()
-            session.stop()
+        """Close the sessions (but the home) where nothing is watched any more.
 
-    # -- what the home says ----------------------------------------------
+        Those to servers the home does not name are kept while a watched
+        encoder is lost; while one is, such servers are asked (``_scout``).
+        """
+        while True:
+            needed = set(self.placed.values())
+            if self._lost_encoders():
+                needed.update(self._unnamed())
+            changed: list[str] = []
+            for server_id, session in list(self.sessions.items()):
+                if session is self.home or server_id in needed:
+                    continue
+                del self.sessions[server_id]
+                call = self._fallback_calls.pop(server_id, None)
+                if call is not None and call.active():
+                    call.cancel()
+                session.stop()
+                changed += self._unsay(session, archive=True)
+            if not changed:
+                break
+            # The words of the sessions closed lost their weight: others may be
+            # the best, placed again, which may leave another session idle.
+            self._place_all(changed)
+        self._scout()
+
+    # -- servers the home counts dead ----------------------------------------
+
+    def _lost_encoders(self) -> bool:
+        """Whether a watched encoder is held offline, or on a server whose session was lost."""
+        for encoder_id in self.wanted:
+            info = self.infos.get(encoder_id)
+            if info is None:
+                continue  # not listed yet
+            if info.state == m.EncoderState.OFFLINE or not info.server_id:
+                return True
+            session = self.sessions.get(info.server_id)
+            if session is not None and session.down_since is not None:
+                return True
+        return False
+
+    def _unnamed(self) -> list[str]:
+        """The servers the viewer knows of that the home does not name (counts dead)."""
+        return [sid for sid in self._known_servers
+                if sid != self._home_sid and sid not in self.home.server_infos]
+
+    def _scout(self) -> None:
+        """While a watched encoder is lost, ask the servers the home does not name.
+
+        Two servers cut from each other (and from any third that could
+        probe for them) count each other dead while the viewer reaches
+        both: the home then never hears of the encoders of the other.  A
+        session to it (listing, so told the updates) says where they are.
+        """
+        if self.stopped or not self._home_sid or not self._lost_encoders():
+            return
+        now = self.reactor.seconds()
+        for server_id in self._unnamed():
+            if server_id in self.sessions:
+                continue
+            after = self._scout_after.get(server_id)
+            if after is not None and after > now + 1e-6:
+                self._scout_at(after)
+                continue
+            log.info("asking {s}, which {h} does not name, where lost encoders are",
+                     s=server_id, h=self._home_sid)
+            self._session_for(server_id)
+
+    def _scout_at(self, when: float) -> None:
+        call = self._scout_call
+        if call is not None and call.active() and call.getTime() <= when:
+            return
+        if call is not None and call.active():
+            call.cancel()
+        self._scout_call = self.reactor.callLater(max(0.0, when - self.reactor.seconds()),
+                                                  self._scout_due)
+
+    def _scout_due(self) -> None:
+        self._scout_call = None
+        self._collect()
+
+    # -- what the sessions say --------------------------------------------
 
     def _listed(self, infos: tuple[m.EncoderInfo, ...]) -> None:
-        for info in infos:
-            self.infos[info.encoder_id] = info
-            self._hints.pop(info.encoder_id, None)
+        """The home's listing (after each of its logins)."""
+        if self.stopped:
+            return
+        self._say(self.home, infos, listing=True, notify=False)
         if self.on_list is not None:
             self.on_list(infos)
         for encoder_id in list(self.wanted):
@@ -1424,13 +1580,145 @@ class ClusterViewer:
         self._collect()
 
     def _update(self, info: m.EncoderInfo) -> None:
-        self.infos[info.encoder_id] = info
-        self._hints.pop(info.encoder_id, None)
-        if self.on_update is not None:
-            self.on_update(info)
-        if info.encoder_id in self.wanted:
-            self._place(info.encoder_id)
-            self._collect()
+        """An EncoderUpdate pushed to the home."""
+        self._heard(self.home, info)
+
+    def _session_listed(self, session: _ClusterSession,
+                        infos: tuple[m.EncoderInfo, ...]) -> None:
+        """The listing of a session to another server than the home's (after each login)."""
+        if self.stopped or self.sessions.get(session.pinned_to) is not session:
+            return
+        self._place_all(self._say(session, infos, listing=True))
+        self._collect()
+
+    def _heard(self, session: _ClusterSession, info: m.EncoderInfo) -> None:
+        """An EncoderUpdate pushed to ``session``."""
+        if self.stopped or (session is not self.home
+                            and self.sessions.get(session.pinned_to) is not session):
+            return  # a session closed meanwhile
+        self._place_all(self._say(session, (info,)))
+        self._collect()
+
+    def _say(self, session: _ClusterSession, infos: tuple[m.EncoderInfo, ...],
+             listing: bool = False, notify: bool = True) -> list[str]:
+        """Keep what ``session`` says of ``infos`` (a ``listing``: all it says).
+
+        Returns the encoders to place again: those of which the viewer holds
+        something new, or the word just heard.
+        """
+        self._serial += 1
+        words = self._words.setdefault(session, {})
+        before = set(words) if listing else set()
+        if listing:
+            words.clear()
+            # It says it all again: what it said before the last close is moot.
+            self._archive.pop(session.server_id, None)
+        for info in infos:
+            words[info.encoder_id] = _Word(self._serial, session.server_id, info)
+        return self._weigh([*dict.fromkeys([*(i.encoder_id for i in infos), *before])],
+                           heard_from=session, notify=notify)
+
+    def _unsay(self, session: _ClusterSession, archive: bool = False) -> list[str]:
+        """Forget what ``session`` said: the encoders to place again.
+
+        ``archive`` (a session closed, not lost): keep it as plain news, which
+        newer news beats, without the weight of a server speaking of itself.
+        """
+        words = self._words.pop(session, {})
+        if archive:
+            for encoder_id, word in words.items():
+                kept = self._archive.setdefault(word.speaker, {})
+                if encoder_id not in kept or kept[encoder_id].serial < word.serial:
+                    kept[encoder_id] = word
+        return self._weigh(list(words))
+
+    def _weigh(self, encoder_ids: list[str], heard_from: _ClusterSession | None = None,
+               notify: bool = True) -> list[str]:
+        """Hold the best word on each of ``encoder_ids``: those to place again."""
+        out = []
+        for encoder_id in encoder_ids:
+            best = self._best(encoder_id)
+            if best is None:
+                continue  # nobody says anything: what was last heard stays
+            taken = (heard_from is not None
+                     and self._words.get(heard_from, {}).get(encoder_id) is best)
+            if taken:
+                # Newer than where a Redirect said it is.
+                self._hints.pop(encoder_id, None)
+            changed = self.infos.get(encoder_id) != best.info
+            if changed:
+                self.infos[encoder_id] = best.info
+                if notify and self.on_update is not None:
+                    self.on_update(best.info)
+            if taken or changed:
+                out.append(encoder_id)
+        return out
+
+    def _best(self, encoder_id: str) -> _Word | None:
+        """What to hold of ``encoder_id``, of what the sessions say of it.
+
+        A server is the authority on its own registrations.  Its word, through
+        a session that is up, that it hosts the encoder beats every "offline"
+        (of a server that counts it dead, or of one that relays the end of a
+        registration it superseded), and any word that places the encoder on
+        a server whose session was lost.  Its word that it does not host the
+        encoder (offline, or elsewhere) beats any word that it does (older
+        words only, once its session is closed).  Of the words left, the
+        newest.
+        """
+        live = [w for said in self._words.values()
+                if (w := said.get(encoder_id)) is not None]
+        words = live + [w for said in self._archive.values()
+                        if (w := said.get(encoder_id)) is not None]
+        if not words:
+            return None
+        live_ids = {id(w) for w in live}
+        latest: dict[str, _Word] = {}  # each server's newest word
+        for word in words:
+            if word.speaker not in latest or word.serial > latest[word.speaker].serial:
+                latest[word.speaker] = word
+        hosts = [w for w in latest.values() if w.own and id(w) in live_ids]
+
+        def credible(word: _Word) -> bool:
+            if not word.host:
+                return not hosts
+            said = latest.get(word.host)
+            if (said is not None and said.host != word.host
+                    and (id(said) in live_ids or said.serial > word.serial)):
+                return False  # the server it names says otherwise of itself
+            if hosts and word.host != word.speaker:
+                session = self.sessions.get(word.host)
+                if session is not None and session.down_since is not None:
+                    return False  # a server whose session was lost
+            return True
+
+        return max([w for w in words if credible(w)] or words, key=lambda w: w.serial)
+
+    def _place_all(self, encoder_ids: list[str]) -> None:
+        for encoder_id in encoder_ids:
+            if encoder_id in self.wanted:
+                self._place(encoder_id)
+
+    def _servers_told(self, session: _ClusterSession,
+                      servers: tuple[m.ServerInfo, ...]) -> None:
+        """``session`` was told the cluster's servers (at its login, or pushed).
+
+        Pushed: an encoder held to be on a server of which the viewer had no
+        address was watched at home (or nowhere): where it is, now that it
+        has one.
+        """
+        for server in servers:
+            self._known_servers[server.server_id] = server
+        if self.stopped or not session.up:
+            return  # at the login: the listing that follows places everything
+        for encoder_id in list(self.wanted):
+            info = self.infos.get(encoder_id)
+            host = (info.server_id if info is not None
+                    and info.state != m.EncoderState.OFFLINE else "")
+            if (host and self.placed.get(encoder_id) != host
+                    and encoder_id not in self._hints and self._server_info(host) is not None):
+                self._place(encoder_id)
+        self._collect()
 
     # -- media -------------------------------------------------------------
 
