@@ -547,7 +547,9 @@ def test_an_unreachable_target_falls_back_to_the_known_servers() -> None:
     w.run_until(lambda: on(client, b))
     assert [addr for _, addr in w.dials] == [a.address, c_.address, b.address]
     assert len(lost) == 1 and "cannot reach 10.0.0.3:5510" in str(lost[0])  # a real failure
-    assert b.auths[-1].placed_by == ""  # the ordinary path
+    # Still placed: b must not send it back to c, which it cannot reach.
+    # (a sent no ServerList, so the encoder names it by its address.)
+    assert b.auths[-1].placed_by == str(a.address)
     assert client.redirects == 1
 
 

@@ -323,6 +323,10 @@ class _ReconnectingClient:
         self.address: Address | None = None
         #: ``placed_by`` of the current (or last) control connection.
         self.placed_by = ""
+        #: The server that last redirected us, until a session logs in: every
+        #: attempt meanwhile names it, so that no server redirects us again
+        #: (the target may be out of our reach although the cluster sees it).
+        self._placement = ""
         self.ticket = b""
         self.stopped = True
         self.ready: Deferred[Any] = Deferred()
@@ -399,7 +403,7 @@ class _ReconnectingClient:
         self._retry_call = None
         if self.stopped:
             return
-        attempt = _Attempt(address, placed_by, self.reactor.seconds())
+        attempt = _Attempt(address, placed_by or self._placement, self.reactor.seconds())
         self._attempts.append(attempt)
         self._tried.add(address)
         self._last_tried = address
@@ -512,6 +516,7 @@ class _ReconnectingClient:
         self.ticket = ticket
         self.server_id = server_id
         self._session_started = self.reactor.seconds()
+        self._placement = ""
         if self.address is not None:
             self._known[self.address] = True
         interval = keepalive_ms / 1000
@@ -788,6 +793,7 @@ class EncoderClient(_ReconnectingClient):
                                                       source, from_id)
             return
         self.redirects += 1
+        self._placement = from_id
         self._recent_redirects.append(now)
         log.info("{e}: {a} sends us to {b} at {address} ({r})", e=self.encoder_id, a=from_id,
                  b=msg.server.server_id, address=target, r=reason)

@@ -800,6 +800,38 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def guarded_run(prog: str, data: str | None,
+                run: Callable[[Path | None, Callable[[str], None]], dict[str, Any]],
+                err: IO[str]) -> dict[str, Any] | None:
+    """Run a benchmark for a command line: ``run(root, log)`` with ``--data``'s folder
+    (made if needed) and progress lines on ``err``; SIGTERM stops it like Ctrl-C.
+    Returns its result, or None after printing why it failed."""
+    def log(text: str) -> None:
+        err.write(f"{prog}: {text}\n")
+        err.flush()
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        root = Path(data).absolute() if data else None
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+        return run(root, log)
+    except (BenchError, ClusterError, ProcessError, OSError) as e:
+        lines = str(e).splitlines() or [type(e).__name__]
+        print_error(prog, lines[0], err)
+        if len(lines) > 1:
+            err.write("\n".join(lines[1:]) + "\n")
+        return None
+    except KeyboardInterrupt:
+        print_error(prog, "interrupted", err)
+        return None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None, out: IO[str] = sys.stdout,
          err: IO[str] = sys.stderr) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -811,35 +843,17 @@ def main(argv: Sequence[str] | None = None, out: IO[str] = sys.stdout,
         return e.code if isinstance(e.code, int) else 2
     faults = tuple(dict.fromkeys(args.fault or FAULTS))
 
-    def log(text: str) -> None:
-        err.write(f"{PROG}: {text}\n")
-        err.flush()
+    def run(root: Path | None, log: Callable[[str], None]) -> dict[str, Any]:
+        return run_failovers(args.trials, faults, servers=args.servers,
+                             encoders=args.encoders,
+                             viewers_per_server=args.viewers_per_server, tls=args.tls,
+                             fps=args.fps, bitrate_bps=args.bitrate, root=root,
+                             trial_timeout=args.trial_timeout, log=log,
+                             verbose=args.verbose)
 
-    def interrupted(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupted)
-    try:
-        root = Path(args.data).absolute() if args.data else None
-        if root is not None:
-            root.mkdir(parents=True, exist_ok=True)
-        result = run_failovers(args.trials, faults, servers=args.servers,
-                               encoders=args.encoders,
-                               viewers_per_server=args.viewers_per_server, tls=args.tls,
-                               fps=args.fps, bitrate_bps=args.bitrate, root=root,
-                               trial_timeout=args.trial_timeout, log=log,
-                               verbose=args.verbose)
-    except (BenchError, ClusterError, ProcessError, OSError) as e:
-        lines = str(e).splitlines() or [type(e).__name__]
-        print_error(PROG, lines[0], err)
-        if len(lines) > 1:
-            err.write("\n".join(lines[1:]) + "\n")
+    result = guarded_run(PROG, args.data, run, err)
+    if result is None:
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print_error(PROG, "interrupted", err)
-        return EXIT_ERROR
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if args.json:
         out.write(json.dumps(result) + "\n")
     else:

@@ -42,22 +42,21 @@ from typing import IO, Any
 
 import attrs
 
-from evserver.tools.cluster import ClusterError, LocalCluster
+from evserver.tools.cluster import LocalCluster
 from evserver.tools.common import (
     EXIT_ERROR,
     EXIT_OK,
     ArgumentParser,
     positive_float,
     positive_int,
-    print_error,
 )
 from evserver.tools.failover import (
     RECOVER_TIMEOUT,
     BenchError,
     FailoverBench,
+    guarded_run,
     percentile,
 )
-from evserver.tools.procs import ProcessError
 
 PROG = "ev-bench rebalance"
 #: Seconds, beyond the stability period, that the moves may take.
@@ -250,34 +249,16 @@ def main(argv: Sequence[str] | None = None, out: IO[str] = sys.stdout,
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
 
-    def log(text: str) -> None:
-        err.write(f"{PROG}: {text}\n")
-        err.flush()
-
-    def interrupted(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupted)
-    try:
-        root = Path(args.data).absolute() if args.data else None
-        if root is not None:
-            root.mkdir(parents=True, exist_ok=True)
+    def run(root: Path | None, log: Callable[[str], None]) -> dict[str, Any]:
         with RebalanceBench(servers=args.servers, encoders=args.encoders, watched=args.watched,
                             viewers_per_server=args.viewers_per_server,
                             stability=args.stability, in_flight=args.in_flight, tls=args.tls,
                             root=root, log=log) as bench:
-            result = bench.run(args.trials)
-    except (BenchError, ClusterError, ProcessError, OSError) as e:
-        lines = str(e).splitlines() or [type(e).__name__]
-        print_error(PROG, lines[0], err)
-        if len(lines) > 1:
-            err.write("\n".join(lines[1:]) + "\n")
+            return bench.run(args.trials)
+
+    result = guarded_run(PROG, args.data, run, err)
+    if result is None:
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print_error(PROG, "interrupted", err)
-        return EXIT_ERROR
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     r = result["rebalance"]
     if args.json:
         out.write(json.dumps(result) + "\n")
