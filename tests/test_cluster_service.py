@@ -29,6 +29,7 @@ from evserver.state.relay import RelayCore
 from evserver.wire import messages as m
 from evserver.wire import peer as p
 from evserver.wire.framing import ErrorCode
+from tests.corefakes import Link, Registry
 
 T0 = 1_700_000_000.0
 OFF, ON, STREAMING = m.EncoderState.OFFLINE, m.EncoderState.ONLINE, m.EncoderState.STREAMING
@@ -37,37 +38,6 @@ OFF, ON, STREAMING = m.EncoderState.OFFLINE, m.EncoderState.ONLINE, m.EncoderSta
 def address(sid: str) -> p.ExternalAddress:
     host = f"10.0.0.{sid[1:]}"
     return p.ExternalAddress(host, 5510, 5520, 5530, 9443, host, 47100)
-
-
-@attrs.frozen
-class Record:
-    encoder_id: str
-    name: str
-    domain: str = "north"
-
-
-class Registry:
-    def __init__(self, *ids: str) -> None:
-        self.records = {e: Record(e, f"Camera {e}") for e in ids}
-
-    def list_encoders(self, domain: str | None = None) -> list[Record]:
-        return [r for r in self.records.values() if domain in (None, r.domain)]
-
-    def get_encoder(self, encoder_id: str) -> Record | None:
-        return self.records.get(encoder_id)
-
-
-class Link:
-    """A viewer's control connection."""
-
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-
-    def send(self, msg: Any) -> None:
-        self.sent.append(msg)
-
-    def close_with_error(self, code: ErrorCode, message: str) -> None:
-        pass
 
 
 class Conn:

@@ -31,10 +31,8 @@ from twisted.internet import defer
 from twisted.internet import ssl as tssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from evserver.cluster.ca import (
     create_cluster,
@@ -60,6 +58,7 @@ from evserver.testing.harness import (
 )
 from evserver.testing.memnet import MemoryNetwork
 from evserver.testing.raw import RawClient
+from evserver.testing.realsim import TLSClientEndpoint
 from evserver.tls import wrap_client_factory, wrap_server_factory
 from evserver.wire import messages as m
 from evserver.wire import peer as p
@@ -149,20 +148,6 @@ class _Port:
         return defer.succeed(None)
 
 
-@implementer(IStreamClientEndpoint)
-class _TLSEndpoint:
-    """``inner`` behind client TLS (what the service dials members with)."""
-
-    def __init__(self, inner: Any, creator: Any, clock: Any) -> None:
-        self.inner = inner
-        self.creator = creator
-        self.clock = clock
-
-    def connect(self, protocolFactory: Any) -> Deferred[Any]:
-        return cast(Deferred[Any], self.inner.connect(
-            wrap_client_factory(protocolFactory, self.creator, self.clock)))
-
-
 class _RawFactory(raw._RawFactory):
     noisy = False
 
@@ -193,8 +178,8 @@ class PeerWorld:
         def connector(record: Any) -> Any:
             # Nobody listens at a member's address here: dialling it is refused.
             inner = self.net.endpoint(record.address.peer_host, record.address.peer_port, HOST)
-            return _TLSEndpoint(inner, peer_client_tls_options(self.identity, record.server_id),
-                                self.clock)
+            options = peer_client_tls_options(self.identity, record.server_id)
+            return TLSClientEndpoint(inner, options, self.clock)
 
         self.cluster = ClusterService(
             self.identity, path / SID, address(HOST), f"tcp:{PEER_PORT}", self.core, self.store,

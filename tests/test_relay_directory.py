@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import attrs
 from twisted.internet.task import Clock
 
 from evserver.state.directory import Location
@@ -12,43 +9,10 @@ from evserver.state.hlc import Stamp
 from evserver.state.relay import RelayCore
 from evserver.wire import messages as m
 from evserver.wire.framing import ErrorCode
+from tests.corefakes import Link, Registry
 
 OFF, ON, STREAMING = m.EncoderState.OFFLINE, m.EncoderState.ONLINE, m.EncoderState.STREAMING
 SERVERS = (m.ServerInfo("s1", "10.0.0.1", 1, 2, 3), m.ServerInfo("s2", "10.0.0.2", 1, 2, 3))
-
-
-@attrs.frozen
-class Record:
-    encoder_id: str
-    name: str
-    domain: str = "north"
-
-
-class Registry:
-    def __init__(self, *ids: str) -> None:
-        self.records = {e: Record(e, f"Camera {e}") for e in ids}
-
-    def list_encoders(self, domain: str | None = None) -> list[Record]:
-        return [r for r in self.records.values() if domain in (None, r.domain)]
-
-    def get_encoder(self, encoder_id: str) -> Record | None:
-        return self.records.get(encoder_id)
-
-
-class Link:
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-        self.closed: list[tuple[ErrorCode, str]] = []
-
-    def send(self, msg: Any) -> None:
-        self.sent.append(msg)
-
-    def close_with_error(self, code: ErrorCode, message: str) -> None:
-        self.closed.append((code, message))
-
-    def updates(self) -> list[tuple[str, int, str]]:
-        return [(u.encoder.encoder_id, u.encoder.state, u.encoder.server_id)
-                for u in self.sent if isinstance(u, m.EncoderUpdate)]
 
 
 def loc(server: str, wall: int, seq: int, state: int, encoder: str = "cam") -> Location:

@@ -315,7 +315,9 @@ class _MemoryPort:
 
 
 @implementer(IStreamClientEndpoint)
-class _TLSEndpoint:
+class TLSClientEndpoint:
+    """``inner`` behind client TLS (what a cluster service dials members with)."""
+
     def __init__(self, inner: Any, creator: Any, clock: IReactorTime) -> None:
         self.inner = inner
         self.creator = creator
@@ -529,10 +531,10 @@ class RealCluster:
             self.net.listen(host, PEER_PORT, cast(Any, served))
             return defer.succeed(_MemoryPort(self.net, host, PEER_PORT))
 
-        def connector(record: Any) -> _TLSEndpoint:
+        def connector(record: Any) -> TLSClientEndpoint:
             inner = self.net.endpoint(record.address.peer_host, record.address.peer_port,
                                       host, self.peer_connect_timeout)
-            return _TLSEndpoint(inner, peer_client_tls_options(identity, record.server_id),
+            return TLSClientEndpoint(inner, peer_client_tls_options(identity, record.server_id),
                                 clock)
 
         cluster = SimClusterService(
