@@ -43,6 +43,7 @@ from evserver.state.balance import (
     executable,
     plan,
 )
+from tests.budget import examples
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -1003,6 +1004,6 @@ class ClusterModel(RuleBasedStateMachine):
 
 
 ClusterModel.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=50, deadline=None,
+    max_examples=examples(200), stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestClusterBalancing = ClusterModel.TestCase

@@ -535,34 +535,48 @@ def test_a_move_during_the_session_is_no_failure(logged: list[dict[str, Any]]) -
     assert any("balance" in t for t in texts(logged, "info"))
 
 
-def test_an_unreachable_target_falls_back_to_the_known_servers() -> None:
+def test_an_unreachable_target_falls_back_to_the_server_that_redirected() -> None:
     w = World("a", "b", "c")
-    a, b, c_ = w.s["a"], w.s["b"], w.s["c"]
+    a, c_ = w.s["a"], w.s["c"]
     w.net.crash_host(c_.host)
     a.redirect_to = c_
     client = w.encoder("a", "b")
     lost: list[ClientError] = []
     client.on_lost = lost.append  # type: ignore[method-assign, assignment]
     client.start()
-    w.run_until(lambda: on(client, b))
-    assert [addr for _, addr in w.dials] == [a.address, c_.address, b.address]
+    w.run_until(lambda: on(client, a))
+    # a answered a moment ago: it comes first after c refused, before b.
+    assert [addr for _, addr in w.dials] == [a.address, c_.address, a.address]
     assert len(lost) == 1 and "cannot reach 10.0.0.3:5510" in str(lost[0])  # a real failure
-    # Still placed: b must not send it back to c, which it cannot reach.
-    # (a sent no ServerList, so the encoder names it by its address.)
-    assert b.auths[-1].placed_by == str(a.address)
+    # Placed: a does not send it to c again.  (a sent no ServerList, so the
+    # encoder names it by its address.)
+    assert a.auths[-1].placed_by == str(a.address)
     assert client.redirects == 1
+    # The fallback is used once: the next loss tries the others as usual.
+    w.net.crash_host(a.host)
+    b = w.s["b"]
+    w.run_until(lambda: on(client, b))
+    assert b.auths[-1].placed_by == ""
 
 
-def test_a_frozen_target_gets_company_too() -> None:
+@pytest.mark.parametrize("fault", ["freeze", "cut"])
+def test_a_silent_target_gets_the_redirecting_server_as_company(fault: str) -> None:
+    """A target the cluster reaches but the client does not (frozen for it, or
+    behind a cut link): the redirecting server, tried alongside, hosts it."""
     w = World("a", "b", "c")
     a, c_ = w.s["a"], w.s["c"]
-    w.net.freeze_host(c_.host)
+    if fault == "freeze":
+        w.net.freeze_host(c_.host)
+    else:
+        w.net.cut(CLIENT, c_.host)
     client = w.encoder("a", "b")
     client.start()
     w.run_until(lambda: on(client, a))
+    t0 = w.clock.seconds()
     a.redirect(a.controls()[0], c_, m.RedirectReason.POOL)
-    took = w.run_until(lambda: up(client))
-    assert took <= HEDGE_DELAY + 0.01 and client.server_id in ("a", "b")
+    w.run_until(lambda: up(client))
+    assert w.clock.seconds() - t0 <= HEDGE_DELAY + 0.01
+    assert client.server_id == "a" and a.auths[-1].placed_by == "a"
 
 
 def _bouncing(w: World) -> tuple[FakeServer, FakeServer]:

@@ -31,6 +31,7 @@ from hypothesis.stateful import (
 from evserver.cluster import service as cluster_service
 from evserver.state.membership import MembershipSettings, PeerState
 from evserver.testing.realsim import CLIENT_HOST, T0, RealCluster, SimServer
+from tests.budget import examples
 
 #: Video back at every viewer within this much simulated time of a fault.
 BUDGET = 3.0
@@ -729,7 +730,7 @@ class ClusterMachine(RuleBasedStateMachine):
 
 TestClusterMachine = ClusterMachine.TestCase
 TestClusterMachine.settings = settings(
-    max_examples=20, stateful_step_count=12, deadline=None,
+    max_examples=examples(20), stateful_step_count=12, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -21,6 +21,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from evserver.state.fanout import IMediaSink, Stream, ViewerFeed
+from tests.budget import examples
 
 # -- helpers -------------------------------------------------------------------
 
@@ -1083,4 +1084,5 @@ class FanoutMachine(RuleBasedStateMachine):
 
 
 TestFanoutMachine = FanoutMachine.TestCase
-TestFanoutMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+TestFanoutMachine.settings = settings(max_examples=examples(150), stateful_step_count=60,
+                                      deadline=None)

@@ -495,6 +495,35 @@ def test_dead_peer_retries_without_flapping_and_comes_back() -> None:
     assert m.state("b") is ALIVE
 
 
+class RefusingRecorder(Recorder):
+    """A connector whose attempts fail at once, inside ``connect`` (as a refused
+    connection to a local address may)."""
+
+    def connect(self, server_id: str) -> None:
+        super().connect(server_id)
+        assert self.membership is not None
+        self.membership.on_connect_failed(server_id)
+
+
+def test_an_attempt_that_fails_at_once_is_retried_even_the_first() -> None:
+    """The first attempt, asked for while the member is being added, fails
+    inside ``connect``: the machine must already be there to hear it."""
+    clock = Clock()
+    rec = RefusingRecorder(clock)
+    m = Membership("a", rec, clock, settings=NO_JITTER, rng=Random(1))
+    rec.membership = m
+    m.add_member("b", 1)
+    run(clock, 5.0)
+    times = [e[0] for e in rec.of("connect")]
+    assert len(times) >= 10 and times[0] == 0.0
+    assert max(b - a for a, b in itertools.pairwise(times)) <= NO_JITTER.reconnect_max
+    # And once the peer is back, the next attempt brings it alive.
+    rec.__class__ = Recorder
+    clock.advance(NO_JITTER.reconnect_max)
+    m.on_connection_made("b", 1)
+    assert m.state("b") is ALIVE
+
+
 # -- restart, removal, stop -------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from evserver.store import (
     StoreError,
     hash_secret,
 )
+from tests.budget import examples
 
 # Cheap scrypt parameters so tests that add many accounts stay fast; the
 # stored format records them, so verify_password works the same.
@@ -552,4 +553,5 @@ class StoreMachine(RuleBasedStateMachine):
 
 
 TestStoreMachine = StoreMachine.TestCase
-TestStoreMachine.settings = settings(max_examples=30, stateful_step_count=25, deadline=None)
+TestStoreMachine.settings = settings(max_examples=examples(30), stateful_step_count=25,
+                                     deadline=None)

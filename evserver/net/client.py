@@ -9,6 +9,7 @@ move frames.
 
 from __future__ import annotations
 
+import collections
 import random
 import struct
 import time
@@ -327,6 +328,9 @@ class _ReconnectingClient:
         #: attempt meanwhile names it, so that no server redirects us again
         #: (the target may be out of our reach although the cluster sees it).
         self._placement = ""
+        #: The server that redirected us, reachable a moment ago: the first to
+        #: try alongside (or after) a redirect target that does not answer.
+        self._fallback: Address | None = None
         self.ticket = b""
         self.stopped = True
         self.ready: Deferred[Any] = Deferred()
@@ -390,9 +394,14 @@ class _ReconnectingClient:
         At random, so that a lost server's clients spread over the others
         instead of all landing on the next one in the list.  The servers the
         cluster names as alive come before the others, which it may have
-        declared dead (a frozen one among them).
+        declared dead (a frozen one among them).  Right after a redirect, the
+        redirecting server comes first of all, once: it answered a moment ago,
+        and it hosts us as placed when the target is out of our reach.
         """
         busy = {a.address for a in self._attempts}
+        fallback, self._fallback = self._fallback, None
+        if fallback is not None and fallback not in busy and fallback != avoid:
+            return fallback
         untried = [a for a in self.servers
                    if a not in self._tried and a not in busy and a != avoid]
         named = [a for a in untried if a in self._named]
@@ -517,6 +526,7 @@ class _ReconnectingClient:
         self.server_id = server_id
         self._session_started = self.reactor.seconds()
         self._placement = ""
+        self._fallback = None
         if self.address is not None:
             self._known[self.address] = True
         interval = keepalive_ms / 1000
@@ -679,6 +689,20 @@ class _ReconnectingClient:
 # Encoder
 
 
+@attrs.frozen
+class Hop:
+    """One step of an encoder's way through the cluster (``EncoderClient.history``)."""
+
+    #: When (reactor seconds).
+    at: float
+    #: "session" (logged in on ``server_id``), "redirect" (``server_id`` sent
+    #: us to ``target`` for ``reason``), or "redirect-ignored" (a loop).
+    kind: str
+    server_id: str
+    target: str = ""
+    reason: str = ""
+
+
 class EncoderClient(_ReconnectingClient):
     """An encoder: streams samples from ``source`` while the server asks for them.
 
@@ -690,6 +714,8 @@ class EncoderClient(_ReconnectingClient):
 
     control_class = EncoderControlConnection
     MAX_SKIP = 1000
+    #: Hops kept in ``history``.
+    HISTORY = 64
 
     def __init__(self, reactor: Any, servers: list[Address], encoder_id: str, secret: str,
                  source: Any, tls: TLSConfig, **kwargs: Any) -> None:
@@ -715,6 +741,8 @@ class EncoderClient(_ReconnectingClient):
         #: When the redirects obeyed since the last session that lasted came.
         self._recent_redirects: list[float] = []
         self._ignore_redirects_until = float("-inf")
+        #: The latest sessions and redirects, oldest first.
+        self.history: collections.deque[Hop] = collections.deque(maxlen=self.HISTORY)
 
     def port_of(self, info: m.ServerInfo) -> int:
         return info.encoder_port
@@ -727,6 +755,7 @@ class EncoderClient(_ReconnectingClient):
         if isinstance(msg, m.EncoderAuthOk):
             self._authenticated(self.control, msg.ticket, msg.keepalive_ms, msg.server_id,
                                 msg.servers)
+            self.history.append(Hop(self.reactor.seconds(), "session", msg.server_id))
         elif isinstance(msg, m.EncoderRedirect):
             self._redirected(msg)
         elif isinstance(msg, m.StartStream):
@@ -762,8 +791,9 @@ class EncoderClient(_ReconnectingClient):
 
         Not a failure: no back-off, no ``on_lost``.  The connections to the
         redirecting server are closed, the target is tried at once (naming
-        the redirecting server in ``placed_by``) and, if it cannot be
-        reached, the known servers as after a lost connection.
+        the redirecting server in ``placed_by``) and, if it does not answer,
+        the redirecting server alongside (it reached us a moment ago), then the
+        known servers as after a lost connection.
         """
         now = self.reactor.seconds()
         source = self.address
@@ -785,6 +815,8 @@ class EncoderClient(_ReconnectingClient):
                          n=len(self._recent_redirects) + 1, w=self.REDIRECT_WINDOW, a=from_id,
                          b=msg.server.server_id, r=reason, i=self.REDIRECT_IGNORE)
             self.redirects_ignored += 1
+            self.history.append(Hop(now, "redirect-ignored", from_id, msg.server.server_id,
+                                    reason))
             # Stay: back to the redirecting server, as placed there (it does not
             # redirect a placed encoder at login), after the back-off: a server
             # that redirects us over and over must not make us spin.
@@ -793,7 +825,9 @@ class EncoderClient(_ReconnectingClient):
                                                       source, from_id)
             return
         self.redirects += 1
+        self.history.append(Hop(now, "redirect", from_id, msg.server.server_id, reason))
         self._placement = from_id
+        self._fallback = source
         self._recent_redirects.append(now)
         log.info("{e}: {a} sends us to {b} at {address} ({r})", e=self.encoder_id, a=from_id,
                  b=msg.server.server_id, address=target, r=reason)

@@ -585,7 +585,7 @@ class PeerMachine:
     """The failure detector for one other member; built by :class:`Membership`.
 
     The inputs are methods (``connection_made()``, ``frame_received()``, ...);
-    the machine starts in ``connecting`` and asks for a link at once.
+    the machine is in ``connecting`` and asks for a link when started.
     """
 
     __slots__ = ("_inputs", "core")
@@ -595,7 +595,15 @@ class PeerMachine:
         core.state = PeerState.CONNECTING
         core.last_seen = core.clock.seconds()
         self._inputs = _MACHINE(core)
-        _enter(self._inputs, core, None, PeerState.CONNECTING)
+
+    def start(self) -> None:
+        """Enter ``connecting``: arm its timers and ask for a link.
+
+        Separate from construction so that the owner can register the machine
+        first: the link asked for may fail at once, and its report
+        (``Membership.on_connect_failed``) must find the machine.
+        """
+        _enter(self._inputs, self.core, None, PeerState.CONNECTING)
 
     @property
     def state(self) -> PeerState:
@@ -688,7 +696,8 @@ class Membership:
             rtt_ms=deque(maxlen=self.settings.samples),
             offset_ms=deque(maxlen=self.settings.samples),
         )
-        self._peers[server_id] = PeerMachine(core)
+        peer = self._peers[server_id] = PeerMachine(core)
+        peer.start()
 
     def remove_member(self, server_id: str) -> None:
         """The member left the cluster: ``left``, link closed, timers cancelled."""
