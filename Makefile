@@ -16,7 +16,7 @@ INSTALL_STAMP := $(VENV)/.install-stamp
 SOURCES := $(shell find evserver twisted/plugins -name __pycache__ -prune \
 	-o -type d -print -o -type f \( -name '*.py' -o -name '*.css' -o -name '*.js' \) -print)
 
-.PHONY: all test lint demo bench clean
+.PHONY: all test soak lint demo bench clean
 
 all: test
 
@@ -36,6 +36,12 @@ $(INSTALL_STAMP): $(DEPS_STAMP) $(SOURCES) setup.cfg pyproject.toml README.rst
 test: $(INSTALL_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The state machines with random seeds and EVS_SOAK times their examples.
+EVS_SOAK ?= 20
+soak: $(INSTALL_STAMP)
+	EVS_SOAK=$(EVS_SOAK) HYPOTHESIS_PROFILE=dev $(BIN)/python -m pytest -p no:cacheprovider \
+		-m "not real" -k "Machine or TestClusterBalancing" --hypothesis-show-statistics
 
 lint: $(INSTALL_STAMP)
 	$(BIN)/ruff check .

@@ -326,8 +326,13 @@ class _Ctl:
             try:
                 live = json.loads((Path(self.args.data) / "cluster" / "status.json")
                                   .read_text("utf-8"))
-                status["member_states"] = {sid: v.get("state")
-                                           for sid, v in live.get("members", {}).items()}
+                members = live.get("members", {})
+                status["member_states"] = {sid: v.get("state") for sid, v in members.items()}
+                status["member_mbps"] = {sid: v.get("mbps") for sid, v in members.items()}
+                warnings = {sid: v.get("bandwidth_warnings") for sid, v in members.items()
+                            if v.get("bandwidth_warnings")}
+                if warnings:
+                    status["bandwidth_warnings"] = warnings
                 status["states_at"] = _iso(float(live.get("at", 0)))
             except (OSError, ValueError, AttributeError):
                 pass

@@ -585,9 +585,30 @@ def test_no_encoder_moves_twice_within_a_rebalance() -> None:
     assert b.settled == [(m, "done")]
     assert not b.rebalancing and b.rebalances == 1
     clock.advance(1)
+    assert b.tick(w, view) == []  # moved 2 s ago: cooling down
+    clock.advance(b.settings.move_cooldown - 2)
     (back,) = b.tick(w, view)  # a new rebalance may move it again
     assert (back.encoder_id, back.target) == (moved, "s1")
     assert b.rebalances == 2
+
+
+def test_an_encoder_moved_waits_the_cooldown_before_it_moves_again() -> None:
+    """A pool edited over and over: the encoder follows at most every move_cooldown s."""
+    clock, b = stable_balancer()
+    w = {"s1": 1.0, "s2": 1.0, "s3": 1.0}
+    e = place("e1", "s1", pool={"s2"}, pool_name="p")
+    (m,) = b.tick(w, [e])
+    assert (m.encoder_id, m.target) == ("e1", "s2")
+    started = clock.seconds()
+    e = attrs.evolve(e, server_id="s2", pool=frozenset({"s3"}))  # moved; the pool changed
+    times = []
+    while clock.seconds() - started < 20:
+        clock.advance(0.5)
+        for move in b.tick(w, [e]):
+            times.append(clock.seconds() - started)
+            e = attrs.evolve(e, server_id=move.target,
+                             pool=frozenset({"s1"} if move.target == "s3" else {"s3"}))
+    assert times == [5.0, 10.0, 15.0, 20.0]
 
 
 def test_a_rebalance_lasts_while_moves_are_in_flight() -> None:
@@ -623,6 +644,8 @@ def test_balancer_rejects_bad_settings() -> None:
         Balancer(Clock(), "s1", BalanceSettings(max_in_flight=0))
     with pytest.raises(ValueError):
         Balancer(Clock(), "s1", BalanceSettings(interval=0))
+    with pytest.raises(ValueError):
+        Balancer(Clock(), "s1", BalanceSettings(move_cooldown=-1))
 
 
 # -- the cluster simulator ---------------------------------------------------------------

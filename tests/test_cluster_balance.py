@@ -5,7 +5,11 @@ these check the wiring: placement on connect through ``EncoderRedirect``,
 moves asked of the hosting server with ``MoveRequest``, the host's idle
 check, pools and weights read from the replicated store, and the
 stability period after a server returns — with real clients that follow
-the redirects, and viewers whose video must not pause.
+the redirects, and viewers whose video must not pause.  Then a Hypothesis
+state machine tells random stories (arrivals, departures, streams starting
+and stopping, crashes, freezes, returns, new servers, pool and weight
+changes) and after each quiet period checks the balance, the moves and the
+video.
 """
 
 from __future__ import annotations
@@ -326,6 +330,20 @@ class BalanceMachine(RuleBasedStateMachine):
         down = [sid for sid, s in self.sim.servers.items() if s.state == "crashed"]
         if down:
             self.sim.restart(down[i % len(down)])
+            self.sim.advance(0.5)
+
+    @precondition(lambda self: len(self._up()) > 1)
+    @rule(i=st.integers(0, 3))
+    def freeze(self, i: int) -> None:
+        up = self._up()
+        self.sim.freeze(up[i % len(up)])
+        self.sim.advance(0.5)
+
+    @rule(i=st.integers(0, 3))
+    def thaw(self, i: int) -> None:
+        frozen = [sid for sid, s in self.sim.servers.items() if s.state == "frozen"]
+        if frozen:
+            self.sim.thaw(frozen[i % len(frozen)])
             self.sim.advance(0.5)
 
     @precondition(lambda self: len(self.sim.servers) < 4)

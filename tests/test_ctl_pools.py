@@ -205,3 +205,19 @@ def test_a_standalone_server_knows_only_itself(data: Path) -> None:
         [me, "this", "server", "1", "-", "-", "-", "-", "-"]]
     ok(data, "pool", "create", "solo", "--servers", me)
     fails(data, "pool", "create", "other", "--servers", "srv-b", match=f"(known: {me})")
+
+
+def test_msr_status_shows_each_links_bandwidth(data: Path) -> None:
+    ok(data, "msr", "enable")
+    warning = "link to srv-c measured 4.0 Mbit/s: below the 10 Mbit/s minimum"
+    (data / "cluster" / "status.json").write_text(json.dumps({
+        "at": 1_700_000_000.0,
+        "members": {"srv-b": {"state": "alive", "rtt_ms": 1.0, "offset_ms": 0.1,
+                              "mbps": 940.2, "bandwidth_warnings": []},
+                    "srv-c": {"state": "alive", "rtt_ms": 80.0, "offset_ms": 0.1,
+                              "mbps": 4.0, "bandwidth_warnings": [warning]}}}))
+    status = json.loads(ok(data, "msr", "status", "--json"))
+    assert status["member_mbps"] == {"srv-b": 940.2, "srv-c": 4.0}
+    assert status["bandwidth_warnings"] == {"srv-c": [warning]}
+    text = ok(data, "msr", "status")
+    assert "member_mbps: {'srv-b': 940.2, 'srv-c': 4.0}" in text and warning in text

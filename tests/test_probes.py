@@ -69,6 +69,11 @@ class FakeCluster:
         self.core = RelayCore(clock, server_id, None, lambda: (), Limits())  # type: ignore[arg-type]
         self.connections: dict[str, Conn] = {}
         self.membership = FakeMembership()
+        #: How often the status file would have been rewritten.
+        self.saved = 0
+
+    def _save_status(self) -> None:
+        self.saved += 1
 
 
 class Conn:
@@ -182,6 +187,7 @@ def test_each_side_probes_the_other_and_keeps_the_figure() -> None:
     assert len(pair.a_to_b.of(p.BandwidthProbe)) == 4
     assert len(pair.b_to_a.of(p.BandwidthReport)) == 1
     assert set(pair.a.bandwidth) == {"ev2"} and pair.b.bandwidth == {}
+    assert pair.one.saved == 1  # the figure is in the status file at once
     assert pair.b_to_a.of(p.BandwidthProbe) == []
     pair.clock.pump([0.01] * 500)
     assert len(pair.b_to_a.of(p.BandwidthProbe)) == 4

@@ -173,6 +173,9 @@ class PeerProbes:
             if result is not None:
                 log.info("link to {server_id}: {mbps} Mbit/s measured", server_id=server_id,
                          mbps=format_mbps(result.mbps))
+                save = getattr(self.cluster, "_save_status", None)
+                if save is not None:
+                    save()
         elif isinstance(msg, p.ConnectionsRequest):
             self._answer(server_id, conn, msg)
         elif isinstance(msg, p.Connections):

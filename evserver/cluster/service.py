@@ -337,10 +337,15 @@ class ClusterService(Service):
         self._save_status()
 
     def _save_status(self) -> None:
-        """Every member's state, for ``evserver-ctl msr status``."""
+        """Every member's state (and the latest RTT, clock offset and bandwidth
+        measured to it), for ``evserver-ctl msr status``; rewritten when a
+        member changes state and when a bandwidth measurement comes."""
         view = self.membership.view()
+        bandwidth = self.probes.bandwidth
         status = {sid: {"state": getattr(v.state, "value", str(v.state)),
-                        "rtt_ms": v.rtt_ms, "offset_ms": v.offset_ms}
+                        "rtt_ms": v.rtt_ms, "offset_ms": v.offset_ms,
+                        "mbps": (round(bandwidth[sid].mbps, 1) if sid in bandwidth else None),
+                        "bandwidth_warnings": self.probes.warnings(sid)}
                   for sid, v in view.items()}
         path = cluster_dir(self.data_dir) / STATUS_FILE
         tmp = path.with_name(f".{STATUS_FILE}.{os.getpid()}")

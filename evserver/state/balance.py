@@ -90,6 +90,11 @@ A *rebalance* is the run of decisions from the first move until ``plan``
 in flight; an encoder moved in a rebalance is frozen until it ends, so no
 encoder moves twice within one.  A membership change, or the server ceasing
 to be the decider, also ends it.  ``rebalances`` counts the rebalances begun.
+Across rebalances, an encoder is not moved again within ``move_cooldown``
+seconds of its last move: settings changed over and over (a pool edited
+three times in a second) move it at most that often, and its session lasts
+long enough between moves that the client never takes them for a redirect
+loop (it does after 3 redirects within 10 s with no session of 1 s between).
 
 Timing: the decider changes only with the membership, and every balancer then
 waits the stability period, so as long as a move is executed or refused
@@ -123,6 +128,8 @@ class BalanceSettings:
     move_timeout: float = 10.0
     #: How often the service calls ``Balancer.tick``.
     interval: float = 1.0
+    #: Seconds after a move of an encoder before it may be moved again.
+    move_cooldown: float = 5.0
 
 
 DEFAULT_SETTINGS = BalanceSettings()
@@ -351,8 +358,9 @@ class Balancer:
         if settings.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         if not (settings.stability >= 0 and settings.move_timeout > 0
-                and settings.interval > 0):
-            raise ValueError("need stability >= 0, move_timeout > 0 and interval > 0")
+                and settings.interval > 0 and settings.move_cooldown >= 0):
+            raise ValueError("need stability >= 0, move_timeout > 0, interval > 0 "
+                             "and move_cooldown >= 0")
         self._clock = clock
         self.server_id = server_id
         self.settings = settings
@@ -360,6 +368,8 @@ class Balancer:
         self._flights: dict[str, _Flight] = {}
         #: Encoders moved in the current rebalance (frozen until it ends).
         self._moved: set[str] = set()
+        #: encoder id -> when this balancer last started a move of it.
+        self._last_move: dict[str, float] = {}
         self._rebalancing = False
         #: How many rebalances this balancer has begun.
         self.rebalances = 0
@@ -414,7 +424,8 @@ class Balancer:
                 if (flight := self._flights.get(place.encoder_id)) is not None else place
                 for place in places
             ]
-            moves = plan(weights, projected, limit, self._moved | self._flights.keys())
+            moves = plan(weights, projected, limit,
+                         self._moved | self._flights.keys() | self._cooling(now))
         if not moves:
             if not self._flights:
                 self._end_rebalance()
@@ -425,7 +436,16 @@ class Balancer:
         for move in moves:
             self._flights[move.encoder_id] = _Flight(move, now)
             self._moved.add(move.encoder_id)
+            self._last_move[move.encoder_id] = now
         return moves
+
+    def _cooling(self, now: float) -> set[str]:
+        """The encoders moved less than ``move_cooldown`` ago (the others are forgotten)."""
+        cooldown = self.settings.move_cooldown
+        for encoder_id, at in list(self._last_move.items()):
+            if now - at >= cooldown:
+                del self._last_move[encoder_id]
+        return set(self._last_move)
 
     def _settle(self, view: Mapping[str, EncoderPlace], now: float) -> None:
         for encoder_id, flight in list(self._flights.items()):
