@@ -438,6 +438,26 @@ def test_the_servers_named_alive_come_first() -> None:
     assert b.address not in [addr for _, addr in w.dials]
 
 
+def test_servers_not_named_alive_are_tried_together() -> None:
+    """The server lost named only itself: the others are tried at once, not one
+    every HEDGE_DELAY (two of them are silent, behind cut links)."""
+    w = World("a", "b", "c", "d")
+    a, b, c_, d = (w.s[i] for i in "abcd")
+    client = w.encoder("a", "b", "c", "d", seed=3)
+    client.start()
+    w.run_until(lambda: on(client, a))
+    a.controls()[0].send(m.ServerList((a.info,)))
+    w.advance(0.1)
+    for silent in (b, c_):
+        w.net.cut(CLIENT, silent.host)
+    w.dials.clear()
+    w.net.crash_host(a.host)
+    took = w.run_until(lambda: on(client, d), 2.0)
+    starts = [t for t, addr in w.dials if addr != a.address]
+    assert len(starts) == 3 and max(starts) - min(starts) < 0.01, w.dials
+    assert took < 0.3 + client.retry_max  # the back-off before the round, then one RTT
+
+
 def test_the_known_servers_are_bounded_and_the_useful_ones_kept() -> None:
     w = World("a", "s")
     a, s = w.s["a"], w.s["s"]

@@ -58,6 +58,9 @@ CLIENT_MAX_FRAME = 8 * 1024 * 1024
 #   and leaves 0.3 s over the two round trips (TCP, TLS 1.3) of a 100 ms RTT
 #   (R14); the few that wait longer in a bigger burst cost a TLS handshake
 #   elsewhere, not a password check.
+# - when no server the cluster named alive is left to try, the attempts to
+#   the others (likely down: the cluster stopped naming them) start together,
+#   without the wait.
 # - a silent server is still given up after PREAMBLE_DEADLINE (2 s: above
 #   the worst preamble measured under a burst of 100), which matters only
 #   when no other server is left to try.
@@ -429,7 +432,21 @@ class _ReconnectingClient:
         self._cancel_hedge()
         if (self._attempts and self.control is None and len(self._attempts) < MAX_ATTEMPTS
                 and not self.stopped):
-            self._hedge_call = self.reactor.callLater(self.hedge_delay, self._hedge)
+            self._hedge_call = self.reactor.callLater(self._hedge_wait(), self._hedge)
+
+    def _hedge_wait(self) -> float:
+        """How long the attempts under way get before another starts alongside.
+
+        ``hedge_delay``, unless every one of them is to a server that the
+        cluster's last word did not name alive (the ones it named were tried
+        already): such a server is likely down or out of reach, and waiting
+        for it only adds to the failover.  Then the next starts at once, up to
+        MAX_ATTEMPTS.  Not while redirected: the target must get its chance
+        before the redirecting server is tried alongside.
+        """
+        if not self._placement and all(a.address not in self._named for a in self._attempts):
+            return 0.0
+        return self.hedge_delay
 
     def _cancel_hedge(self) -> None:
         if self._hedge_call is not None and self._hedge_call.active():
