@@ -21,11 +21,13 @@ or lost, and offers every frame of an established connection to
 :meth:`frame` first.  What it needs of the cluster: ``reactor``,
 ``connections`` (server id -> connection with ``send``), ``core`` (the relay
 core: ``encoders``, ``viewers``) and ``membership.view()`` (the round trip,
-for the cross-check).
+for the cross-check).  ``on_measured`` hears of each new bandwidth figure
+(the service rewrites its status file).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -108,8 +110,11 @@ class PeerProbes:
     """Bandwidth probes and connection lists over the cluster's peer connections."""
 
     def __init__(self, cluster: Any, settings: BandwidthSettings | None = None,
-                 connections_timeout: float = CONNECTIONS_TIMEOUT) -> None:
+                 connections_timeout: float = CONNECTIONS_TIMEOUT,
+                 on_measured: Callable[[str], None] | None = None) -> None:
         self.cluster = cluster
+        #: Called with the server id after each new bandwidth figure.
+        self.on_measured = on_measured
         self.reactor = cluster.reactor
         self.connections_timeout = connections_timeout
         self.prober = BandwidthProber(self.reactor, self._send, self._rtt_ms, settings,
@@ -173,9 +178,8 @@ class PeerProbes:
             if result is not None:
                 log.info("link to {server_id}: {mbps} Mbit/s measured", server_id=server_id,
                          mbps=format_mbps(result.mbps))
-                save = getattr(self.cluster, "_save_status", None)
-                if save is not None:
-                    save()
+                if self.on_measured is not None:
+                    self.on_measured(server_id)
         elif isinstance(msg, p.ConnectionsRequest):
             self._answer(server_id, conn, msg)
         elif isinstance(msg, p.Connections):

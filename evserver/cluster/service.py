@@ -114,7 +114,7 @@ class ClusterService(Service):
         #: The load each peer reported in its latest heartbeat (for the admin pages).
         self.loads: dict[str, p.Load] = {}
         #: Bandwidth measurements and other servers' connection lists.
-        self.probes = PeerProbes(self)
+        self.probes = PeerProbes(self, on_measured=lambda server_id: self._save_status())
         self._connecting: set[str] = set()
         self._digests: dict[str, dict[tuple[str, str], bytes]] = {}
         self._next_request = 1
