@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +35,13 @@ from evserver.store import (
     validate_pool_servers,
     validate_weight,
 )
+from tests import test_store_replication as replication
 from tests.test_store_replication import T0_MS, Wall, exchange, open_store, record_of
 
 S = ("srv-a", "srv-b", "srv-c")
 
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Store, Store, Wall, Wall]]:
-    wa, wb = Wall(T0_MS), Wall(T0_MS - 5_000)  # b's clock 5 s behind
-    a = open_store(tmp_path / "a.sqlite3", "a", wa)
-    b = open_store(tmp_path / "b.sqlite3", "b", wb)
-    yield a, b, wa, wb
-    a.close()
-    b.close()
+#: Two stores (b's clock 5 s behind) and their clocks, as in the replication tests.
+pair = replication.pair
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ row (who, what, when, on which server).  Passwords are hashed in a thread.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
@@ -66,6 +66,10 @@ def from_store_error(error: StoreError, field: str | None) -> FieldError:
     """The store's refusal on the field it names itself, else on ``field``."""
     status = next((s for cls, s in _STATUS.items() if isinstance(error, cls)), 400)
     return FieldError(error.field or field, str(error), status)
+
+
+#: A record that can be given a pool: an encoder or a domain.
+_R = TypeVar("_R", Encoder, Domain)
 
 
 def check_field(field: str, check: Callable[[], Any]) -> Any:
@@ -451,31 +455,30 @@ class Changes:
     def set_encoder_pool(self, actor: Session, encoder_id: object, pool: object) -> Encoder:
         """Give an encoder its own pool, or none (None or "")."""
         encoder = self._encoder(encoder_id)
-        checked = self.pool_ref("pool", pool)
-        if checked == encoder.pool:
-            return encoder
-        try:
-            updated = self.store.set_encoder_pool(encoder.encoder_id, checked)
-        except StoreError as e:
-            raise from_store_error(e, "pool") from None
-        self.audit(actor.account, "encoder.pool", encoder.encoder_id,
-                   f"{_ref(encoder.pool)} -> {_ref(checked)}")
-        return updated
+        return self._assign_pool(actor, "encoder", encoder.encoder_id, encoder, encoder.pool,
+                                 pool, self.store.set_encoder_pool)
 
     def set_domain_pool(self, actor: Session, name: object, pool: object) -> Domain:
         """Give a domain a pool (for its encoders without one of their own), or none."""
         domain = self.store.get_domain(name) if isinstance(name, str) else None
         if domain is None:
             raise FieldError(None, f"no domain named {name!r}", 404)
+        return self._assign_pool(actor, "domain", domain.name, domain, domain.pool, pool,
+                                 self.store.set_domain_pool)
+
+    def _assign_pool(self, actor: Session, kind: str, key: str, record: _R,
+                     current: str | None, pool: object,
+                     assign: Callable[[str, str | None], _R]) -> _R:
+        """Give ``record`` (an encoder or a domain, ``key``) the pool ``pool`` through
+        ``assign``, and audit it; unchanged (and not audited) when it has it already."""
         checked = self.pool_ref("pool", pool)
-        if checked == domain.pool:
-            return domain
+        if checked == current:
+            return record
         try:
-            updated = self.store.set_domain_pool(domain.name, checked)
+            updated = assign(key, checked)
         except StoreError as e:
             raise from_store_error(e, "pool") from None
-        self.audit(actor.account, "domain.pool", domain.name,
-                   f"{_ref(domain.pool)} -> {_ref(checked)}")
+        self.audit(actor.account, f"{kind}.pool", key, f"{_ref(current)} -> {_ref(checked)}")
         return updated
 
     def set_server_weight(self, actor: Session, server_id: str, weight: object) -> float:

@@ -573,6 +573,20 @@ def pool_options(pools: Sequence[Pool], current: str | None) -> list[tuple[str, 
     return options
 
 
+def pool_card(chrome: Chrome, action: str, hint: str, pools: Sequence[Pool],
+              current: str | None, errors: dict[str | None, str]) -> Tag:
+    """The card that gives a domain or an encoder a pool (or none)."""
+    return tags.section(
+        tags.h2("Pool"),
+        tags.p(hint, class_="hint"),
+        post_form(chrome, action,
+                  select_field("Pool", "pool", pool_options(pools, current), current or "",
+                               errors),
+                  button="Set pool", errors=errors),
+        class_="card form-card",
+    )
+
+
 def domains_page(chrome: Chrome, domains: Sequence[Domain], accounts: Sequence[Account],
                  encoders: Sequence[Encoder], *, name: str = "",
                  errors: dict[str | None, str] | None = None,
@@ -622,16 +636,9 @@ def domain_page(chrome: Chrome, domain: Domain, accounts: Sequence[Account],
                      static_table(("Encoder id", "Name", "Own pool"), encoder_rows,
                                   "No encoders.")),
         tags.div(
-            tags.section(
-                tags.h2("Pool"),
-                tags.p("The servers this domain's encoders prefer, unless an encoder has a "
-                       "pool of its own.", class_="hint"),
-                post_form(chrome, base + "/pool",
-                          select_field("Pool", "pool", pool_options(pools, domain.pool),
-                                       domain.pool or "", errs("pool")),
-                          button="Set pool", errors=errs("pool")),
-                class_="card form-card",
-            ),
+            pool_card(chrome, base + "/pool",
+                      "The servers this domain's encoders prefer, unless an encoder has a "
+                      "pool of its own.", pools, domain.pool, errs("pool")),
             tags.section(
                 tags.h2("Delete"),
                 tags.p("Only an empty domain (no accounts, no encoders) can be deleted.",
@@ -839,16 +846,9 @@ def encoder_page(chrome: Chrome, view: ServerView, encoder: Encoder, row: dict[s
                           button="Rename", errors=errs("name")),
                 class_="card form-card",
             ),
-            tags.section(
-                tags.h2("Pool"),
-                tags.p("The servers this encoder prefers. With none of its own it follows "
-                       "its domain's pool, if that has one.", class_="hint"),
-                post_form(chrome, base + "/pool",
-                          select_field("Pool", "pool", pool_options(pools, encoder.pool),
-                                       encoder.pool or "", errs("pool")),
-                          button="Set pool", errors=errs("pool")),
-                class_="card form-card",
-            ),
+            pool_card(chrome, base + "/pool",
+                      "The servers this encoder prefers. With none of its own it follows "
+                      "its domain's pool, if that has one.", pools, encoder.pool, errs("pool")),
             tags.section(
                 tags.h2("Secret"),
                 tags.p("A new secret replaces the old one: the encoder must then be "
